@@ -1,0 +1,17 @@
+"""cm_triton: Compositional Muon for transformer attention, with fused Triton kernels."""
+
+from cm_triton.functional import cm_ov, cm_qk
+from cm_triton.options import CMOptions
+from cm_triton.schedules import INV_SQRT_NEWTON, MUON_CLASSIC_5, POLAR_EXPRESS_8
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cm_qk",
+    "cm_ov",
+    "CMOptions",
+    "POLAR_EXPRESS_8",
+    "MUON_CLASSIC_5",
+    "INV_SQRT_NEWTON",
+    "__version__",
+]

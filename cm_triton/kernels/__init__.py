@@ -1,0 +1,1 @@
+"""Triton kernels (optional accelerators of the reference). Filled by the kernels issue."""

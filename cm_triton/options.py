@@ -1,0 +1,91 @@
+"""Validated variant flags of Compositional Muon (spec §3-§4), as one frozen object."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cm_triton.schedules import POLAR_EXPRESS_8
+
+METHODS = ("half_split", "joint")
+WHITENINGS = ("both", "pre", "post", "none")
+CONNECTIONS = ("none", "frobenius", "frobenius_scalar", "scale_aware", "scale_aware_scalar")
+INV_ROOTS = ("newton", "eigh")
+BACKENDS = ("auto", "reference", "triton")
+NS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _choice(name: str, value: object, allowed: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _real(name: str, value: object, *, low: float = 0.0, high: float = math.inf, high_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < low or value > high or (high_open and value == high):
+        bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        raise ValueError(f"{name} must lie in {bound}, got {value!r}")
+
+
+def _flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CMOptions:
+    """Every variant flag of one CM call; validated on construction (spec §4)."""
+
+    eta: float
+    beta: float = 0.95
+    nesterov: bool = False
+    damping: float = 1e-2
+    weight_decay: float = 0.0
+    method: str = "half_split"
+    isotropic: bool = False
+    hybrid: bool = True
+    whitening: str = "both"
+    connection: str = "none"
+    momentum_reproject: bool = False
+    per_mat_renorm: bool = False
+    ns_coefficients: tuple[tuple[float, float, float], ...] = POLAR_EXPRESS_8
+    ns_dtype: torch.dtype | None = None
+    inv_root: str = "newton"
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        _real("eta", self.eta)
+        _real("beta", self.beta, high=1.0, high_open=True)
+        _real("damping", self.damping)
+        _real("weight_decay", self.weight_decay)
+        for name in ("nesterov", "isotropic", "hybrid", "momentum_reproject", "per_mat_renorm"):
+            _flag(name, getattr(self, name))
+        _choice("method", self.method, METHODS)
+        _choice("whitening", self.whitening, WHITENINGS)
+        _choice("connection", self.connection, CONNECTIONS)
+        _choice("inv_root", self.inv_root, INV_ROOTS)
+        _choice("backend", self.backend, BACKENDS)
+        if self.ns_dtype is not None and self.ns_dtype not in NS_DTYPES:
+            raise ValueError(f"ns_dtype must be None or one of {NS_DTYPES}, got {self.ns_dtype!r}")
+        coeffs = self.ns_coefficients
+        try:
+            coeffs = tuple(tuple(float(c) for c in step) for step in coeffs)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"ns_coefficients must be a sequence of (a, b, c) triples, got {coeffs!r}"
+            ) from None
+        if not coeffs or any(len(s) != 3 or not all(map(math.isfinite, s)) for s in coeffs):
+            raise ValueError(
+                f"ns_coefficients must be a non-empty sequence of finite (a, b, c) triples, "
+                f"got {self.ns_coefficients!r}"
+            )
+        object.__setattr__(self, "ns_coefficients", coeffs)
+
+    @property
+    def budget(self) -> float:
+        """Step budget b of each factor: 1/2 for half_split, 1 for joint (spec §3)."""
+        return 0.5 if self.method == "half_split" else 1.0

@@ -1,0 +1,19 @@
+"""Pure-torch reference of Compositional Muon: the truth the kernels are tested against."""
+
+from cm_triton.reference.connections import connect
+from cm_triton.reference.primitives import apply_root, gram, gram_inv_sqrt, inv_sqrt, msign
+from cm_triton.reference.rule import REFERENCE, Primitives, direction, pair_step, scalar_roots
+
+__all__ = [
+    "msign",
+    "inv_sqrt",
+    "gram",
+    "gram_inv_sqrt",
+    "apply_root",
+    "connect",
+    "scalar_roots",
+    "direction",
+    "pair_step",
+    "Primitives",
+    "REFERENCE",
+]

@@ -10,9 +10,11 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["cm_triton", "cm_triton.*"]),
     py_modules=["compositional_muon"],
-    install_requires=["torch>=2.5,<2.14", "numpy"],
+    install_requires=["torch>=2.5,<2.14"],
     extras_require={
         "triton": ["triton>=3.1"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.6"],
+        # numpy<2.4: Triton 3.6's interpreter (TRITON_INTERPRET=1, used by the kernel tests) calls
+        # int() on size-1 arrays, which NumPy 2.4 turned into an error.
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.6", "numpy<2.4"],
     },
 )

@@ -10,7 +10,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["cm_triton", "cm_triton.*"]),
     py_modules=["compositional_muon"],
-    install_requires=["torch>=2.5,<2.14"],
+    install_requires=["torch>=2.5,<2.14", "tqdm", "matplotlib"],  # the last two for the demo
+    entry_points={"console_scripts": ["cm-triton-demo = cm_triton.demo:main"]},
     extras_require={
         "triton": ["triton>=3.1"],
         # numpy<2.4: Triton 3.6's interpreter (TRITON_INTERPRET=1, used by the kernel tests) calls

@@ -1,0 +1,3 @@
+from cm_triton.demo import main
+
+main()

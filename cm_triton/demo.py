@@ -1,0 +1,273 @@
+"""Train a small GPT with Compositional Muon on attention, Muon/AdamW on the rest.
+
+    python -m cm_triton.demo                      # CM, embedded text, CPU, ~3 minutes
+    python -m cm_triton.demo --compare            # cm and muon, same seed and data, table + PNG
+    python -m cm_triton.demo --compare cm cm-isotropic muon adamw --steps 300
+
+Default data: the documentation text that ships inside CPython (``pydoc_data.topics``, about
+0.47 MB of English technical prose), byte-level, last 10% held out for validation.
+``--data PATH`` takes any UTF-8 text file. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cm_triton.discovery import param_groups
+from cm_triton.optim import CompositionalMuon
+
+OPTIMIZERS = ("cm", "cm-isotropic", "muon", "adamw")
+LR = {"cm": 0.05, "cm-isotropic": 0.05, "muon": 0.02, "adamw": 3e-3}  # matrix lr per optimizer
+ADAMW_LR = 3e-3  # embeddings, head, norms: the same AdamW for every optimizer
+
+
+# -- model --------------------------------------------------------------------------------
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256  # bytes
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2  # grouped-query attention, G = 2
+    d_model: int = 128
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_key_value_heads = cfg.n_head, cfg.n_kv_head
+        self.head_dim = cfg.d_model // cfg.n_head
+        d, dh = cfg.d_model, self.head_dim
+        self.q_proj = nn.Linear(d, cfg.n_head * dh, bias=False)
+        self.k_proj = nn.Linear(d, cfg.n_kv_head * dh, bias=False)
+        self.v_proj = nn.Linear(d, cfg.n_kv_head * dh, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * dh, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        g = self.num_heads // self.num_key_value_heads
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.proj(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        t = idx.shape[1]
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(t, device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+# -- data ---------------------------------------------------------------------------------
+def embedded_text() -> str:
+    """CPython's own documentation topics (``pydoc_data.topics``), joined in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def load_bytes(path: str | None, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train/validation byte tensors (last 10% held out)."""
+    if path is None:
+        text = embedded_text()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise SystemExit(f"error: --data {path}: no such file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"error: --data {path}: not UTF-8 text ({e.reason})") from None
+    data = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+    n_val = len(data) // 10
+    if n_val < block_size + 2:
+        need = 10 * (block_size + 2)
+        raise SystemExit(
+            f"error: --data {path}: {len(data)} bytes is too short (need {need} for one "
+            f"validation block of {block_size})"
+        )
+    return data[:-n_val], data[-n_val:]
+
+
+def batch(data: torch.Tensor, size: int, block: int, gen: torch.Generator, device: str):
+    ix = torch.randint(len(data) - block - 1, (size,), generator=gen)
+    x = torch.stack([data[i : i + block] for i in ix])
+    y = torch.stack([data[i + 1 : i + 1 + block] for i in ix])
+    return x.to(device), y.to(device)
+
+
+# -- training -----------------------------------------------------------------------------
+def make_optimizer(name: str, model: nn.Module, lr: float | None = None):
+    lr = LR[name] if lr is None else lr
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    groups = param_groups(model, attention=name != "muon", isotropic=name == "cm-isotropic")
+    return CompositionalMuon(groups, lr=lr, adamw_lr=ADAMW_LR)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val: torch.Tensor, args, device: str) -> float:
+    model.eval()
+    gen = torch.Generator().manual_seed(1234)  # the same validation batches every time
+    losses = [model(*batch(val, args.batch_size, model.cfg.block_size, gen, device)).item()
+              for _ in range(args.eval_batches)]  # fmt: skip
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train(name: str, args, train_data, val_data, progress: bool = True) -> dict:
+    torch.manual_seed(args.seed)
+    device = args.device
+    model = GPT(GPTConfig()).to(device)
+    opt = make_optimizer(name, model, args.lr)
+    gen = torch.Generator().manual_seed(args.seed)
+    curve: list[tuple[int, float]] = []
+    start = time.perf_counter()
+    steps = range(1, args.steps + 1)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(steps, desc=name, leave=False, file=sys.stderr)
+        steps = bar
+    loss = float("nan")
+    for step in steps:
+        x, y = batch(train_data, args.batch_size, model.cfg.block_size, gen, device)
+        loss_t = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss_t.backward()
+        opt.step()
+        loss = loss_t.item()
+        if not math.isfinite(loss):
+            raise SystemExit(f"error: {name}: training loss became {loss} at step {step}")
+        if step % args.eval_every == 0 or step == args.steps:
+            val = evaluate(model, val_data, args, device)
+            curve.append((step, val))
+            msg = f"{name} step {step}: train {loss:.4f}  val {val:.4f}"
+            if bar is not None:
+                bar.write(msg)
+            else:
+                logging.info(msg)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.3f}")
+    elapsed = time.perf_counter() - start
+    tokens = args.steps * args.batch_size * model.cfg.block_size
+    return {"optimizer": name, "final_train_loss": loss, "final_val_loss": curve[-1][1],
+            "curve": curve, "seconds": elapsed, "tokens_per_s": tokens / elapsed}  # fmt: skip
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        steps, vals = zip(*r["curve"])
+        ax.plot(steps, vals, marker="o", ms=3, label=r["optimizer"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title("cm_triton demo: small GPT on pydoc_data.topics")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="cm_triton.demo", description=__doc__.split("\n")[0])
+    p.add_argument("--optimizer", default="cm", choices=OPTIMIZERS)
+    p.add_argument(
+        "--compare",
+        nargs="*",
+        choices=OPTIMIZERS,
+        default=None,
+        help="run several optimizers with the same seed and data (default: cm muon)",
+    )
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=None, help="matrix lr (default: per optimizer)")
+    p.add_argument("--data", default=None, help="UTF-8 text file (default: embedded text)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out", help="directory for the log and the plot")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+    for name in ("steps", "eval_every", "eval_batches", "batch_size"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_data, val_data = load_bytes(args.data, GPTConfig.block_size)
+    names = [args.optimizer] if args.compare is None else (args.compare or ["cm", "muon"])
+    results = [train(n, args, train_data, val_data) for n in names]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"args": vars(args), "model": asdict(GPTConfig()), "torch": torch.__version__}
+    (out / "demo_results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"\n{'optimizer':<14} {'final val loss':>14} {'final train':>12} {'tokens/s':>10}")
+    for r in results:
+        print(f"{r['optimizer']:<14} {r['final_val_loss']:>14.4f} {r['final_train_loss']:>12.4f} "
+              f"{r['tokens_per_s']:>10.0f}")  # fmt: skip
+    if len(results) > 1:
+        plot(results, out / "val_loss.png")
+        print(f"plot: {out / 'val_loss.png'}")
+    print(f"log: {out / 'demo_results.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -168,8 +168,17 @@ def train(name: str, args, train_data, val_data, progress: bool = True) -> dict:
     opt = make_optimizer(name, model, args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     curve: list[tuple[int, float]] = []
+    first = 1
+    if args.resume:
+        ck = torch.load(args.resume)
+        if ck["optimizer_name"] != name:
+            raise SystemExit(f"error: --resume {args.resume}: saved by {ck['optimizer_name']!r}")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["generator"])
+        first, curve = ck["step"] + 1, [tuple(c) for c in ck["curve"]]
     start = time.perf_counter()
-    steps = range(1, args.steps + 1)
+    steps = range(first, args.steps + 1)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -197,7 +206,11 @@ def train(name: str, args, train_data, val_data, progress: bool = True) -> dict:
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.3f}")
     elapsed = time.perf_counter() - start
-    tokens = args.steps * args.batch_size * model.cfg.block_size
+    if args.checkpoint:
+        torch.save({"optimizer_name": name, "model": model.state_dict(), "step": args.steps,
+                    "optimizer": opt.state_dict(), "generator": gen.get_state(), "curve": curve},
+                   args.checkpoint)  # fmt: skip
+    tokens = (args.steps - first + 1) * args.batch_size * model.cfg.block_size
     return {"optimizer": name, "final_train_loss": loss, "final_val_loss": curve[-1][1],
             "curve": curve, "seconds": elapsed, "tokens_per_s": tokens / elapsed}  # fmt: skip
 
@@ -241,7 +254,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out", help="directory for the log and the plot")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--checkpoint", default=None, help="save model+optimizer state here at the end")
+    p.add_argument("--resume", default=None, help="continue from a --checkpoint file to --steps")
     args = p.parse_args(argv)
+    if (args.checkpoint or args.resume) and args.compare is not None:
+        p.error("--checkpoint/--resume work with a single --optimizer, not --compare")
+    if args.resume and not Path(args.resume).is_file():
+        p.error(f"--resume {args.resume}: no such file")
     for name in ("steps", "eval_every", "eval_batches", "batch_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")

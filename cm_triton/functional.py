@@ -16,7 +16,7 @@ from cm_triton.options import CMOptions
 from cm_triton.reference.rule import pair_step
 from cm_triton.schedules import POLAR_EXPRESS_8
 
-__all__ = ["cm_qk", "cm_ov", "row_heads", "col_heads_t"]
+__all__ = ["cm_qk", "cm_ov", "row_heads", "col_heads_t", "check_pair_shapes"]
 
 
 def row_heads(w: Tensor, head_dim: int) -> Tensor:
@@ -43,7 +43,9 @@ def _ranges_overlap(a: Tensor, b: Tensor) -> bool:
 
 
 def _validate(named: dict[str, Tensor], head_dim: object, kind: str) -> tuple[int, int, int]:
-    """Check the six tensors of one pair (spec §6.8); return ``(Hq, Hkv, d)``."""
+    """Check the six tensors of one pair (spec §6.8); return ``(Hq, Hkv, d)``.
+
+    Meta tensors get the shape, dtype and head checks only (no values to check)."""
     for name, t in named.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -99,6 +101,8 @@ def _validate(named: dict[str, Tensor], head_dim: object, kind: str) -> tuple[in
                     f"{other} has shape {tuple(named[other].shape)}, "
                     f"but {base} has {tuple(named[base].shape)}"
                 )
+    if first.is_meta:  # shape-only validation (the optimizer's construction): no values
+        return hq, hkv, d
     for name, t in named.items():
         if not name.startswith("m_") and not name.endswith("_w"):
             if not torch.isfinite(t).all():
@@ -115,6 +119,17 @@ def _validate(named: dict[str, Tensor], head_dim: object, kind: str) -> tuple[in
             if _ranges_overlap(named[a], named[b]):
                 raise ValueError(f"{a} and {b} share memory; both are written in place")
     return hq, hkv, d
+
+
+def check_pair_shapes(kind: str, a: Tensor, b: Tensor, head_dim: object) -> None:
+    """Shape checks of ``cm_qk`` (``kind="qk"``, ``a, b = q_w, k_w``) or ``cm_ov`` (``"ov"``,
+    ``v_w, o_w``) without values: what an optimizer can check when its groups are built."""
+    names = ("q", "k") if kind == "qk" else ("v", "o")
+    metas = [t.detach().to("meta") for t in (a, b)]
+    named = {f"{names[0]}_w": metas[0], f"{names[1]}_w": metas[1]}
+    named |= {f"{n}_grad": m for n, m in zip(names, metas)}
+    named |= {f"m_{n}": m for n, m in zip(names, metas)}
+    _validate(named, head_dim, kind)
 
 
 def _run(
@@ -139,6 +154,14 @@ def _run(
     s, gs, ms = (t.to(dtype) for t in s_views)
     with torch.no_grad():
         new = pair_step(p, s, gp, gs, mp, ms, opts, kind == "ov" and opts.hybrid, prims)
+        # Commit only a finite result: finite inputs can still give an undefined step when a
+        # partner Gram is singular and nothing damps it (C^{-1} does not exist).
+        if not all(torch.isfinite(t).all() for t in new):
+            raise FloatingPointError(
+                f"cm_{kind} produced a non-finite step, so nothing was modified: with "
+                f"damping={opts.damping} a zero or rank-deficient partner head has no inverse "
+                f"root; use damping > 0"
+            )
         # Commit: cast once to the caller's dtype, in place (views write through).
         for view, value in zip((p_views[0], s_views[0], p_views[2], s_views[2]), new):
             view.copy_(value)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from cm_triton.dispatch import resolve_ns_dtype, resolve_primitives
-from cm_triton.functional import cm_ov, cm_qk
+from cm_triton.functional import check_pair_shapes, cm_ov, cm_qk
 from cm_triton.options import CMOptions
 from cm_triton.schedules import POLAR_EXPRESS_8
 
@@ -102,6 +102,15 @@ class CompositionalMuon(torch.optim.Optimizer):
                     f"a {kind!r} group needs a positive int 'head_dim', "
                     f"got {group.get('head_dim')!r}"
                 )
+            a, b = group["params"]
+            if kind == "mha":
+                if a.shape[0] % 3:
+                    raise ValueError(f"an 'mha' in_proj_weight has {a.shape[0]} rows, not 3 x E")
+                q, k, v = a.split(a.shape[0] // 3)
+                check_pair_shapes("qk", q, k, group["head_dim"])
+                check_pair_shapes("ov", v, b, group["head_dim"])
+            else:
+                check_pair_shapes(kind, a, b, group["head_dim"])
         CMOptions(eta=group["lr"], weight_decay=group["weight_decay"], **_cm_kwargs(group))
 
     @torch.no_grad()

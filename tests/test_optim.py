@@ -271,3 +271,17 @@ def test_bad_group_kind_and_head_dim():
         CompositionalMuon([{"kind": "attention", "params": [w]}])
     with pytest.raises(ValueError, match="head_dim"):
         CompositionalMuon([{"kind": "qk", "params": [w, nn.Parameter(torch.randn(8, 8))]}])
+
+
+def test_badly_shaped_pairs_are_rejected_when_the_optimizer_is_built():
+    q = nn.Parameter(torch.randn(30, 16))  # 30 rows: head_dim 8 does not divide them
+    k = nn.Parameter(torch.randn(16, 16))
+    with pytest.raises(ValueError, match="head_dim=8 does not divide the 30 rows of q_w"):
+        CompositionalMuon([{"kind": "qk", "params": [q, k], "head_dim": 8}])
+    v, o = nn.Parameter(torch.randn(16, 16)), nn.Parameter(torch.randn(12, 48))
+    with pytest.raises(ValueError, match="o_w has 12 rows"):
+        CompositionalMuon([{"kind": "ov", "params": [v, o], "head_dim": 8}])
+    w = nn.Parameter(torch.randn(3 * 24, 24))
+    with pytest.raises(ValueError, match="head_dim=5"):
+        CompositionalMuon([{"kind": "mha", "params": [w, nn.Parameter(torch.randn(24, 24))],
+                            "head_dim": 5}])  # fmt: skip

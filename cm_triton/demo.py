@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from cm_triton.discovery import param_groups
 from cm_triton.optim import CompositionalMuon
@@ -161,7 +161,7 @@ def evaluate(model: nn.Module, val: torch.Tensor, args, device: str) -> float:
     return sum(losses) / len(losses)
 
 
-def train(name: str, args, train_data, val_data, progress: bool = True) -> dict:
+def train(name: str, args, train_data, val_data) -> dict:
     torch.manual_seed(args.seed)
     device = args.device
     model = GPT(GPTConfig()).to(device)
@@ -178,15 +178,10 @@ def train(name: str, args, train_data, val_data, progress: bool = True) -> dict:
         gen.set_state(ck["generator"])
         first, curve = ck["step"] + 1, [tuple(c) for c in ck["curve"]]
     start = time.perf_counter()
-    steps = range(first, args.steps + 1)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(steps, desc=name, leave=False, file=sys.stderr, disable=None)  # off if no TTY
-        steps = bar
+    # The bar is off without a TTY (disable=None); bar.write prints the eval lines either way.
+    bar = tqdm(range(first, args.steps + 1), desc=name, leave=False, file=sys.stderr, disable=None)
     loss = float("nan")
-    for step in steps:
+    for step in bar:
         x, y = batch(train_data, args.batch_size, model.cfg.block_size, gen, device)
         loss_t = model(x, y)
         opt.zero_grad(set_to_none=True)
@@ -198,13 +193,8 @@ def train(name: str, args, train_data, val_data, progress: bool = True) -> dict:
         if step % args.eval_every == 0 or step == args.steps:
             val = evaluate(model, val_data, args, device)
             curve.append((step, val))
-            msg = f"{name} step {step}: train {loss:.4f}  val {val:.4f}"
-            if bar is not None:
-                bar.write(msg)
-            else:
-                logging.info(msg)
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.write(f"{name} step {step}: train {loss:.4f}  val {val:.4f}")
+        bar.set_postfix(loss=f"{loss:.3f}")
     elapsed = time.perf_counter() - start
     if args.checkpoint:
         torch.save({"optimizer_name": name, "model": model.state_dict(), "step": args.steps,
@@ -269,7 +259,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     train_data, val_data = load_bytes(args.data, GPTConfig.block_size)

@@ -67,17 +67,19 @@ def param_groups(
     groups: list[dict[str, Any]] = []
     claimed: set[int] = set()
 
-    def claim(*ps):
-        for p in ps:
-            claimed.add(id(p))
+    def add_pairs(hd: int, *pairs: tuple[str, list]) -> None:
+        # A pair with a frozen weight is not CM's to step: its trainable weights fall through
+        # to Muon/AdamW below, so every trainable parameter still lands in exactly one group.
+        for kind, params in pairs:
+            if all(p.requires_grad for p in params):
+                groups.append({"kind": kind, "params": params, "head_dim": hd, **options})
+                claimed.update(id(p) for p in params)
 
     for name, module in model.named_modules() if attention else ():
         if isinstance(module, nn.MultiheadAttention):
             hd = module.head_dim
             if module.in_proj_weight is not None:
-                groups.append({"kind": "mha", "params": [module.in_proj_weight,
-                               module.out_proj.weight], "head_dim": hd, **options})  # fmt: skip
-                claim(module.in_proj_weight, module.out_proj.weight)
+                add_pairs(hd, ("mha", [module.in_proj_weight, module.out_proj.weight]))
             else:
                 if module.q_proj_weight.shape[1] != module.k_proj_weight.shape[1]:
                     raise ValueError(
@@ -86,9 +88,7 @@ def param_groups(
                     )
                 qk = [module.q_proj_weight, module.k_proj_weight]
                 ov = [module.v_proj_weight, module.out_proj.weight]
-                groups.append({"kind": "qk", "params": qk, "head_dim": hd, **options})
-                groups.append({"kind": "ov", "params": ov, "head_dim": hd, **options})
-                claim(*qk, *ov)
+                add_pairs(hd, ("qk", qk), ("ov", ov))
         elif all(isinstance(getattr(module, n, None), nn.Linear)
                  for n in ("q_proj", "k_proj", "v_proj", "o_proj")):  # fmt: skip
             hd = _head_dim(name, module, head_dim)
@@ -96,9 +96,7 @@ def param_groups(
             q, k, v, o = (
                 getattr(module, n).weight for n in ("q_proj", "k_proj", "v_proj", "o_proj")
             )
-            groups.append({"kind": "qk", "params": [q, k], "head_dim": hd, **options})
-            groups.append({"kind": "ov", "params": [v, o], "head_dim": hd, **options})
-            claim(q, k, v, o)
+            add_pairs(hd, ("qk", [q, k]), ("ov", [v, o]))
 
     output_params: set[int] = set()
     for name, module in model.named_modules():
@@ -114,4 +112,4 @@ def param_groups(
         groups.append({"kind": "muon", "params": muon})
     if adamw:
         groups.append({"kind": "adamw", "params": adamw})
-    return [g for g in groups if all(p.requires_grad for p in g["params"])]
+    return groups

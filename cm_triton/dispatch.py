@@ -9,7 +9,7 @@ import torch
 
 from cm_triton.reference.rule import REFERENCE, Primitives
 
-__all__ = ["triton_available", "resolve_primitives", "resolve_ns_dtype"]
+__all__ = ["triton_available", "interpreting", "resolve_primitives", "resolve_ns_dtype"]
 
 
 def triton_available() -> bool:
@@ -17,7 +17,8 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -29,7 +30,7 @@ def resolve_primitives(backend: str, device: torch.device) -> Primitives:
     """
     if backend == "reference":
         return REFERENCE
-    usable = triton_available() and (device.type == "cuda" or _interpreting())
+    usable = triton_available() and (device.type == "cuda" or interpreting())
     if backend == "auto":
         if not (usable and device.type == "cuda"):
             return REFERENCE

@@ -34,6 +34,9 @@ CM_KEYS = (
     "momentum_reproject", "per_mat_renorm", "ns_coefficients", "ns_dtype", "inv_root", "backend",
 )  # fmt: skip
 NONFINITE = ("raise", "skip")
+# Gradient names of an attention group's two weights, as cm_qk / cm_ov call them.
+GRAD_NAMES = {"qk": ("q_grad", "k_grad"), "ov": ("v_grad", "o_grad"),
+              "mha": ("in_proj_weight's gradient", "out_proj.weight's gradient")}  # fmt: skip
 
 
 class CompositionalMuon(torch.optim.Optimizer):
@@ -97,20 +100,15 @@ class CompositionalMuon(torch.optim.Optimizer):
                 raise ValueError(
                     f"a {kind!r} group holds exactly 2 weights, got {len(group['params'])}"
                 )
-            if not isinstance(group.get("head_dim"), int) or group["head_dim"] <= 0:
-                raise ValueError(
-                    f"a {kind!r} group needs a positive int 'head_dim', "
-                    f"got {group.get('head_dim')!r}"
-                )
-            a, b = group["params"]
+            a, b = group["params"]  # check_pair_shapes validates head_dim with everything else
             if kind == "mha":
                 if a.shape[0] % 3:
                     raise ValueError(f"an 'mha' in_proj_weight has {a.shape[0]} rows, not 3 x E")
                 q, k, v = a.split(a.shape[0] // 3)
-                check_pair_shapes("qk", q, k, group["head_dim"])
-                check_pair_shapes("ov", v, b, group["head_dim"])
+                check_pair_shapes("qk", q, k, group.get("head_dim"))
+                check_pair_shapes("ov", v, b, group.get("head_dim"))
             else:
-                check_pair_shapes(kind, a, b, group["head_dim"])
+                check_pair_shapes(kind, a, b, group.get("head_dim"))
         CMOptions(eta=group["lr"], weight_decay=group["weight_decay"], **_cm_kwargs(group))
 
     @torch.no_grad()
@@ -119,14 +117,17 @@ class CompositionalMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._raise_on_nonfinite()
         for group in self.param_groups:
             kind = group["kind"]
             if kind in ("qk", "ov", "mha"):
                 self._step_attention(group)
             elif kind == "muon":
+                prims = resolve_primitives(group.get("backend", "auto"), group["params"][0].device)
+                ns_dtype = resolve_ns_dtype(group.get("ns_dtype"), group["params"][0].device)
                 for p in group["params"]:
                     if p.grad is not None and self._finite_or_skip(group, [p]):
-                        self._step_muon(group, p)
+                        self._step_muon(group, p, prims, ns_dtype)
             else:
                 for p in group["params"]:
                     if p.grad is not None and self._finite_or_skip(group, [p]):
@@ -134,7 +135,23 @@ class CompositionalMuon(torch.optim.Optimizer):
         return loss
 
     # -- plumbing -------------------------------------------------------------------------
+    def _raise_on_nonfinite(self) -> None:
+        """``nonfinite="raise"``: check every gradient before any parameter moves, so a step
+        that raises leaves the whole model and all state as they were."""
+        for i, group in enumerate(self.param_groups):
+            if group["nonfinite"] != "raise":
+                continue
+            names = GRAD_NAMES.get(group["kind"])
+            for j, p in enumerate(group["params"]):
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    what = names[j] if names else f"the gradient of parameter {j} {tuple(p.shape)}"
+                    raise ValueError(
+                        f"param group {i} ({group['kind']!r}): {what} contains non-finite values "
+                        f"(nan or inf); nothing was modified"
+                    )
+
     def _finite_or_skip(self, group: dict, params: list[Tensor]) -> bool:
+        """``nonfinite="skip"``: count and skip a pair or matrix with a non-finite gradient."""
         if group["nonfinite"] == "raise" or all(torch.isfinite(p.grad).all() for p in params):
             return True
         state = self.state[params[0]]
@@ -169,14 +186,12 @@ class CompositionalMuon(torch.optim.Optimizer):
             cm_qk(q, k, gq, gk, mq, mk, **qk_kw)
             cm_ov(v, b, gv, b.grad, mv, mb, **kw)
 
-    def _step_muon(self, group: dict, p: Tensor) -> None:
+    def _step_muon(self, group: dict, p: Tensor, prims, ns_dtype: torch.dtype | None) -> None:
         buf = self._buffer(p)
         g = p.grad
         buf.mul_(group["momentum"]).add_(g)
         update = g.add(buf, alpha=group["momentum"])  # nesterov
         mat = update.reshape(update.shape[0], -1)
-        prims = resolve_primitives(group.get("backend", "auto"), p.device)
-        ns_dtype = resolve_ns_dtype(group.get("ns_dtype"), p.device)
         coeffs = group.get("ns_coefficients", POLAR_EXPRESS_8)
         o = prims.msign(mat[None], coeffs, ns_dtype)[0]
         scale = max(1.0, mat.shape[0] / mat.shape[1]) ** 0.5

@@ -285,3 +285,33 @@ def test_badly_shaped_pairs_are_rejected_when_the_optimizer_is_built():
     with pytest.raises(ValueError, match="head_dim=5"):
         CompositionalMuon([{"kind": "mha", "params": [w, nn.Parameter(torch.randn(24, 24))],
                             "head_dim": 5}])  # fmt: skip
+
+
+def test_nonfinite_muon_or_adamw_gradient_raises_before_anything_moves():
+    # The attention pairs step before the Muon group: with "raise", a NaN in the Muon matrix's
+    # gradient must stop the step before the pairs move, and leave the optimizer state empty.
+    model = nn.Sequential(LlamaAttention())
+    _with_grads(model)
+    model[0].mlp.weight.grad[1, 1] = float("inf")
+    before = copy.deepcopy(model)
+    opt = CompositionalMuon(param_groups(model), lr=0.05)
+    with pytest.raises(ValueError, match=r"'muon'.*non-finite.*nothing was modified"):
+        opt.step()
+    for p, q in zip(model.parameters(), before.parameters()):
+        assert torch.equal(p, q)
+    assert len(opt.state) == 0
+    model[0].mlp.weight.grad.fill_(0.1)
+    model[0].norm.weight.grad[0] = float("nan")
+    with pytest.raises(ValueError, match=r"'adamw'.*non-finite"):
+        opt.step()
+
+
+def test_a_pair_with_a_frozen_weight_leaves_its_partner_in_one_group():
+    model = nn.Sequential(LlamaAttention())
+    model[0].q_proj.weight.requires_grad_(False)
+    groups = param_groups(model)
+    ids = _ids(groups)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert len(ids) == len(set(ids)) and set(ids) == trainable
+    assert _kinds(groups) == ["ov", "muon", "adamw"]
+    assert any(p is model[0].k_proj.weight for p in groups[1]["params"])

@@ -8,7 +8,6 @@ strides (row blocks of q/k/v, column blocks of o, transposes), never copied.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -16,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cm_triton.dispatch import interpreting
 from cm_triton.reference import primitives as ref
 from cm_triton.schedules import POLAR_EXPRESS_8
 
@@ -134,6 +134,6 @@ def msign(
         xk, ok, coef, len(coefficients), rows, cols,
         *xk.stride(), *ok.stride(),
         BLOCK_M=block_m, BLOCK_N=block_n, ITER_BF16=dtype == torch.bfloat16,
-        NATIVE_BF16=os.environ.get("TRITON_INTERPRET", "0") != "1",
+        NATIVE_BF16=not interpreting(),
     )  # fmt: skip
     return out.reshape(*lead, m, n)

@@ -35,12 +35,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _cm_runner(h, dh, d, device, dtype, backend):
+def _cm_runner(h, dh, d, device, dtype, backend, **options):
     (q, k, v, o), (gq, gk, gv, go), (mq, mk, mv, mo) = _layer(h, dh, d, device, dtype)
 
     def step():
-        cm_qk(q, k, gq, gk, mq, mk, head_dim=dh, eta=1e-3, backend=backend)
-        cm_ov(v, o, gv, go, mv, mo, head_dim=dh, eta=1e-3, backend=backend)
+        cm_qk(q, k, gq, gk, mq, mk, head_dim=dh, eta=1e-3, backend=backend, **options)
+        cm_ov(v, o, gv, go, mv, mo, head_dim=dh, eta=1e-3, backend=backend, **options)
         _sync(device)
 
     return step
@@ -60,15 +60,23 @@ def _muon_runner(h, dh, d, device, dtype):
     return step
 
 
+# CM's options per CPU case. torch.optim.Muon iterates in bf16 whatever the weights' dtype;
+# CM's CPU default is fp32 iterations (spec §2), so the bf16 case is the like-for-like one.
+CPU_CM = {
+    "cm_reference": {},
+    "cm_reference_bf16": {"ns_dtype": torch.bfloat16},
+    "cm_isotropic": {"isotropic": True},
+}
+
+
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "H{}-dh{}-d{}".format(*s))
-@pytest.mark.parametrize("impl", ["cm_reference", "muon"])
+@pytest.mark.parametrize("impl", [*CPU_CM, "muon"])
 def test_cpu_step(benchmark, shape, impl):
     benchmark.group = "cpu-step-H{}-dh{}-d{}".format(*shape)
-    run = (
-        _cm_runner(*shape, "cpu", torch.float32, "reference")
-        if impl == "cm_reference"
-        else _muon_runner(*shape, "cpu", torch.float32)
-    )
+    if impl == "muon":
+        run = _muon_runner(*shape, "cpu", torch.float32)
+    else:
+        run = _cm_runner(*shape, "cpu", torch.float32, "reference", **CPU_CM[impl])
     benchmark(run)
 
 

@@ -16,7 +16,24 @@ from cm_triton.options import CMOptions
 from cm_triton.reference.rule import pair_step
 from cm_triton.schedules import POLAR_EXPRESS_8
 
-__all__ = ["cm_qk", "cm_ov", "row_heads", "col_heads_t", "check_pair_shapes"]
+__all__ = ["cm_qk", "cm_ov", "row_heads", "col_heads_t", "check_pair_shapes", "all_finite"]
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """True when every entry of every tensor is finite, with one host sync in the common case.
+
+    A sum is finite only if every entry is (NaN and +-Inf propagate through it), so a finite
+    sum settles it in one reduction; a non-finite sum, which finite entries can also give by
+    overflow, is checked entry by entry.
+    """
+    if not tensors:
+        return True
+    sums = [
+        t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors
+    ]
+    if bool(torch.isfinite(torch.stack([x.double() for x in sums])).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def row_heads(w: Tensor, head_dim: int) -> Tensor:
@@ -103,10 +120,10 @@ def _validate(named: dict[str, Tensor], head_dim: object, kind: str) -> tuple[in
                 )
     if first.is_meta:  # shape-only validation (the optimizer's construction): no values
         return hq, hkv, d
-    for name, t in named.items():
-        if not name.startswith("m_") and not name.endswith("_w"):
-            if not torch.isfinite(t).all():
-                raise ValueError(f"{name} contains non-finite values (nan or inf)")
+    grads = {n: t for n, t in named.items() if not n.startswith("m_") and not n.endswith("_w")}
+    if not all_finite(list(grads.values())):
+        bad = next(n for n, t in grads.items() if not torch.isfinite(t).all())
+        raise ValueError(f"{bad} contains non-finite values (nan or inf)")
     written = [n for n in names if n.endswith("_w") or n.startswith("m_")]
     for name in written:
         t = named[name]
@@ -156,7 +173,7 @@ def _run(
         new = pair_step(p, s, gp, gs, mp, ms, opts, kind == "ov" and opts.hybrid, prims)
         # Commit only a finite result: finite inputs can still give an undefined step when a
         # partner Gram is singular and nothing damps it (C^{-1} does not exist).
-        if not all(torch.isfinite(t).all() for t in new):
+        if not all_finite(list(new)):
             raise FloatingPointError(
                 f"cm_{kind} produced a non-finite step, so nothing was modified: with "
                 f"damping={opts.damping} a zero or rank-deficient partner head has no inverse "

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from cm_triton.dispatch import resolve_ns_dtype, resolve_primitives
-from cm_triton.functional import check_pair_shapes, cm_ov, cm_qk
+from cm_triton.functional import all_finite, check_pair_shapes, cm_ov, cm_qk
 from cm_triton.options import CMOptions
 from cm_triton.schedules import POLAR_EXPRESS_8
 
@@ -142,6 +142,8 @@ class CompositionalMuon(torch.optim.Optimizer):
             if group["nonfinite"] != "raise":
                 continue
             names = GRAD_NAMES.get(group["kind"])
+            if all_finite([p.grad for p in group["params"] if p.grad is not None]):
+                continue
             for j, p in enumerate(group["params"]):
                 if p.grad is not None and not torch.isfinite(p.grad).all():
                     what = names[j] if names else f"the gradient of parameter {j} {tuple(p.shape)}"
@@ -152,7 +154,7 @@ class CompositionalMuon(torch.optim.Optimizer):
 
     def _finite_or_skip(self, group: dict, params: list[Tensor]) -> bool:
         """``nonfinite="skip"``: count and skip a pair or matrix with a non-finite gradient."""
-        if group["nonfinite"] == "raise" or all(torch.isfinite(p.grad).all() for p in params):
+        if group["nonfinite"] == "raise" or all_finite([p.grad for p in params]):
             return True
         state = self.state[params[0]]
         state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1

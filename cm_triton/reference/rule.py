@@ -36,9 +36,30 @@ class Primitives:
 
     msign: Callable[[Tensor, Sequence[tuple[float, float, float]], torch.dtype | None], Tensor]
     gram_inv_sqrt: Callable[..., tuple[Tensor, Tensor | None]]
+    # Both roots of a pair at once (``ref.partner_roots``'s signature); None: two
+    # ``gram_inv_sqrt`` calls, one per factor.
+    partner_roots: Callable[..., tuple[Tensor, Tensor, Tensor | None, Tensor | None]] | None = None
+
+    def roots(
+        self,
+        p: Tensor,
+        s: Tensor,
+        damping: float,
+        method: str,
+        dp: Tensor | None,
+        ds: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """``(r_s, r_p, r_s dp, r_p ds)`` of one pair; shapes as in ``ref.partner_roots``."""
+        if self.partner_roots is not None:
+            return self.partner_roots(p, s, damping, method, dp, ds)
+        r_s, wp = self.gram_inv_sqrt(s, damping, 1, method, dp)
+        r_p, ws = self.gram_inv_sqrt(p, damping, p.shape[0] // s.shape[0], method, ds)
+        return r_s, r_p, wp, ws
 
 
-REFERENCE = Primitives(msign=ref.msign, gram_inv_sqrt=ref.gram_inv_sqrt)
+REFERENCE = Primitives(
+    msign=ref.msign, gram_inv_sqrt=ref.gram_inv_sqrt, partner_roots=ref.partner_roots
+)
 
 
 def scalar_roots(w: Tensor, group_size: int, damping: float) -> Tensor:
@@ -65,8 +86,10 @@ def signs(
     hq, dh, d = wp.shape
     hkv = ws.shape[0]
     if not joint:
-        up = msign(wp.reshape(1, hq * dh, d)).view(wp.shape) if shared_p_sign else msign(wp)
-        return up, msign(ws)
+        if shared_p_sign:
+            return msign(wp.reshape(1, hq * dh, d)).view(wp.shape), msign(ws)
+        z = msign(torch.cat([wp, ws]))  # every slice has its own norm: one call, same math
+        return z[:hq], z[hq:]
     if shared_p_sign:
         z = msign(torch.cat([wp.reshape(hq * dh, d), ws.reshape(hkv * dh, d)])[None])[0]
         return z[: hq * dh].view(wp.shape), z[hq * dh :].view(ws.shape)
@@ -105,8 +128,9 @@ def direction(
             if pre:
                 wp, ws = ref.apply_root(r_s, dp), ref.apply_root(r_p, ds)
         else:
-            r_s, wp_ = prims.gram_inv_sqrt(s, opts.damping, 1, opts.inv_root, dp if pre else None)
-            r_p, ws_ = prims.gram_inv_sqrt(p, opts.damping, g, opts.inv_root, ds if pre else None)
+            r_s, r_p, wp_, ws_ = prims.roots(
+                p, s, opts.damping, opts.inv_root, dp if pre else None, ds if pre else None
+            )
             if pre:
                 wp, ws = wp_, ws_
 

@@ -8,15 +8,17 @@ embeddings/head/norms), ``cm-isotropic`` (the same with the scalar roots of spec
 (AdamW everywhere).
 
 1. Sweep: every optimizer at every rate of its grid, on a seed kept out of the final runs
-   (``--sweep-seed``), for the final number of steps; the rate with the lowest final validation
-   loss is kept.
+   (``--sweep-seed``), for the final number of steps; where the best rate is the grid's
+   smallest or largest, the next rate beyond it is tried (``--max-extend`` times at most).
+   The rate with the lowest final validation loss is kept.
 2. Final: every optimizer at its kept rate, for every seed in ``--seeds``. A seed fixes the
    initial weights and the order of the training batches, so runs with the same seed differ
    only in the optimizer: the CM - Muon difference is also reported seed by seed (paired).
 
 Writes ``OUT/quality.md`` (tables), ``OUT/quality.json`` (every run, curves included) and
 ``OUT/quality_val_loss.png`` (validation loss, mean over seeds, with the min-max band).
-Runs go ``--jobs`` at a time, each on ``--threads`` torch threads.
+Runs go ``--jobs`` at a time, each on ``--threads`` torch threads. ``--cache DIR`` records
+each finished run and reads it back in a later invocation (clear it after changing the code).
 """
 
 from __future__ import annotations
@@ -45,27 +47,47 @@ GRIDS = {
 }
 
 
-def run_one(job: tuple[str, float, int, int, int, int]) -> dict:
-    """Train one (optimizer, lr, seed) in this process; returns ``demo.train``'s record."""
-    name, lr, seed, steps, eval_every, threads = job
-    torch.set_num_threads(threads)
-    args = demo.parse_args(
-        [
-            "--optimizer",
-            name,
-            "--lr",
-            repr(lr),
-            "--seed",
-            str(seed),
-            "--steps",
-            str(steps),
-            "--eval-every",
-            str(eval_every),
-        ]  # fmt: skip
+def run_key(name: str, lr: float, seed: int, steps: int, eval_every: int) -> str:
+    return f"{name}-lr{lr!r}-seed{seed}-steps{steps}-every{eval_every}"
+
+
+def run_one(job: tuple[str, float, int, int, int, int, str | None]) -> dict:
+    """Train one (optimizer, lr, seed) in this process; returns ``demo.train``'s record.
+
+    With a cache directory, a run already recorded there is read back instead of trained
+    (``"cached": True``), and a new run is recorded.
+    """
+    name, lr, seed, steps, eval_every, threads, cache = job
+    path = (
+        None
+        if cache is None
+        else Path(cache) / f"{run_key(name, lr, seed, steps, eval_every)}.json"
     )
+    if path is not None and path.is_file():
+        return {**json.loads(path.read_text()), "cached": True}
+    torch.set_num_threads(threads)
+    argv = ["--optimizer", name, "--lr", repr(lr), "--seed", str(seed), "--steps", str(steps)]
+    args = demo.parse_args([*argv, "--eval-every", str(eval_every)])
     train_data, val_data = demo.load_bytes(None, demo.GPTConfig.block_size)
-    result = demo.train(name, args, train_data, val_data)
-    return {**result, "lr": lr, "seed": seed}
+    result = {**demo.train(name, args, train_data, val_data), "lr": lr, "seed": seed}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result))
+    return {**result, "cached": False}
+
+
+def edge_extensions(sweep: list[dict]) -> list[tuple[str, float]]:
+    """``(optimizer, lr)`` to try next where the best rate is at the edge of what was swept:
+    half the smallest rate or twice the largest (the grids step by factors of 2)."""
+    extra = []
+    for name in dict.fromkeys(r["optimizer"] for r in sweep):
+        lrs = sorted(r["lr"] for r in sweep if r["optimizer"] == name)
+        best = min((r for r in sweep if r["optimizer"] == name), key=lambda r: r["final_val_loss"])
+        if len(lrs) > 1 and best["lr"] == lrs[0]:
+            extra.append((name, lrs[0] / 2))
+        elif len(lrs) > 1 and best["lr"] == lrs[-1]:
+            extra.append((name, lrs[-1] * 2))
+    return extra
 
 
 def run_all(jobs: list[tuple], n_parallel: int) -> list[dict]:
@@ -115,7 +137,8 @@ def report(meta: dict, sweep: list[dict], summary: dict) -> str:
         "",
         f"- Date: {meta['date']}; device: {meta['device']}",
         f"- Versions: Python {meta['python']}, torch {meta['torch']}",
-        f"- Command: `{meta['command']}` ({meta['minutes']:.0f} min in all)",
+        f"- Command: `{meta['command']}` ({meta['minutes']:.0f} min; {meta['runs']} runs, "
+        f"{meta['reused']} of them read back from an earlier invocation's cache)",
         f"- Model and data: `cm_triton.demo` defaults (4-layer GPT, d = 128, GQA 4/2 heads, "
         f"0.81M parameters, bytes of `pydoc_data.topics`, batch 16 x 128 bytes), "
         f"{meta['steps']} steps, validation loss (nats/byte) on the same "
@@ -126,7 +149,9 @@ def report(meta: dict, sweep: list[dict], summary: dict) -> str:
         f"## 1. Learning-rate sweep (seed {meta['sweep_seed']}, final validation loss)",
         "",
         "The matrix lr (AdamW's lr for `adamw`); embeddings, head and norms use AdamW at "
-        f"{demo.ADAMW_LR} in the other three. Best per optimizer in bold.",
+        f"{demo.ADAMW_LR} in the other three. Grids step by factors of 2; where the best rate "
+        f"was at an edge, the grid was extended by one more rate (up to {meta['max_extend']} "
+        "times). Best per optimizer in bold.",
         "",
         "| optimizer | " + " | ".join(f"lr {i + 1}: val loss" for i in range(width)) + " |",
         "|---|" + "---|" * width,
@@ -210,8 +235,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid-size", type=int, default=3, help="use the first N rates of each grid")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-extend", type=int, default=2, help="edge extensions of each grid")
+    p.add_argument("--cache", default=None, help="directory of finished runs to reuse")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
+    if args.max_extend < 0:
+        p.error("--max-extend must not be negative")
     for name in ("steps", "eval_every", "grid_size", "jobs", "threads"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
@@ -223,11 +252,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
-    common = (args.steps, args.eval_every, args.threads)
+    common = (args.steps, args.eval_every, args.threads, args.cache)
     # In OPTIMIZERS order: the slowest (CM) first, so the last jobs to finish are short ones.
     sweep_jobs = [(n, lr, args.sweep_seed, *common)
                   for n in args.optimizers for lr in GRIDS[n][: args.grid_size]]  # fmt: skip
     sweep = run_all(sweep_jobs, args.jobs)
+    for _ in range(args.max_extend):  # a best rate at the grid's edge is not bracketed yet
+        extra = edge_extensions(sweep)
+        if not extra:
+            break
+        sweep += run_all([(n, lr, args.sweep_seed, *common) for n, lr in extra], args.jobs)
     summary = summarize(sweep, [])
     final_jobs = [
         (n, summary["best_lr"][n], s, *common) for n in args.optimizers for s in args.seeds
@@ -253,6 +287,9 @@ def main(argv: list[str] | None = None) -> dict:
         "jobs": args.jobs,
         "threads": args.threads,
         "plot": png.name,
+        "runs": len(sweep) + len(final),
+        "max_extend": args.max_extend,
+        "reused": sum(r["cached"] for r in sweep + final),
     }
     (out / "quality.md").write_text(report(meta, sweep, summary))
     (out / "quality.json").write_text(

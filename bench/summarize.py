@@ -1,4 +1,5 @@
-"""Print a markdown table of a pytest-benchmark JSON: median per case and ratio to Muon.
+"""Print a markdown table of a pytest-benchmark JSON: the median of each case in ms, one row per
+benchmark group (shape), and each implementation's ratio to the Muon step of the same group.
 
 python bench/summarize.py OUT.json
 """
@@ -9,20 +10,23 @@ import json
 import sys
 
 
-def main(path: str) -> None:
-    data = json.load(open(path))
+def table(data: dict) -> str:
     rows: dict[str, dict[str, float]] = {}
     for b in data["benchmarks"]:
         impl = b["name"].split("[")[1].split("-")[0]
         rows.setdefault(b["group"], {})[impl] = b["stats"]["median"]
-    print("| group | impl | median (ms) | ratio to muon |")
-    print("|---|---|---|---|")
-    for group, impls in rows.items():
-        base = impls.get("muon")
-        for impl, med in impls.items():
-            ratio = f"{med / base:.2f}x" if base else "-"
-            print(f"| {group} | {impl} | {med * 1e3:.3f} | {ratio} |")
+    impls = list(dict.fromkeys(i for r in rows.values() for i in r))
+    others = [i for i in impls if i != "muon"]
+    head = ["group", *(f"{i} (ms)" for i in impls), *(f"{i} / muon" for i in others)]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for group, r in rows.items():
+        base = r.get("muon")
+        cells = [group, *(f"{r[i] * 1e3:.3f}" if i in r else "-" for i in impls)]
+        cells += [f"{r[i] / base:.2f}×" if base and i in r else "-" for i in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    with open(sys.argv[1]) as f:
+        print(table(json.load(f)))

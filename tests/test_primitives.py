@@ -7,7 +7,7 @@ import torch
 from oracle import ns_msign, svd_msign
 
 from cm_triton import MUON_CLASSIC_5, POLAR_EXPRESS_8
-from cm_triton.reference import gram, gram_inv_sqrt, inv_sqrt, msign
+from cm_triton.reference import gram, gram_inv_sqrt, inv_sqrt, msign, partner_roots
 
 BF16_NS_RTOL = 0.1  # see test_msign_bf16_iterations_return_fp32 for the derivation
 
@@ -105,3 +105,17 @@ def test_gram_inv_sqrt_applies_each_root_to_its_group():
     root, white = gram_inv_sqrt(w, 0.1, 1, "eigh", apply_to=d)
     for i in range(6):
         torch.testing.assert_close(white[i], root[i // 3] @ d[i])
+
+
+@pytest.mark.parametrize("method", ["newton", "eigh"])
+def test_partner_roots_equal_two_gram_inv_sqrt_calls(method):
+    # One batched inverse root over both Grams is the same per-slice arithmetic as two calls
+    # (each slice has its own norm); float64, so only summation order could differ.
+    p, s = torch.randn(6, 4, 9, dtype=torch.float64), torch.randn(2, 4, 9, dtype=torch.float64)
+    dp, ds = torch.randn(6, 4, 9, dtype=torch.float64), torch.randn(2, 4, 9, dtype=torch.float64)
+    r_s, r_p, wp, ws = partner_roots(p, s, 0.1, method, dp, ds)
+    want_rs, want_wp = gram_inv_sqrt(s, 0.1, 1, method, apply_to=dp)
+    want_rp, want_ws = gram_inv_sqrt(p, 0.1, 3, method, apply_to=ds)
+    for got, want in ((r_s, want_rs), (r_p, want_rp), (wp, want_wp), (ws, want_ws)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert partner_roots(p, s, 0.1, method)[2:] == (None, None)

@@ -35,21 +35,37 @@ def test_summarize_keeps_the_lowest_sweep_loss_and_pairs_by_seed():
     assert quality.paired(summary["stats"], "cm", "adamw") is None
 
 
+def test_edge_extensions_bracket_the_best_rate():
+    sweep = [_run("cm", 0.01, 99, 1.2), _run("cm", 0.02, 99, 1.3),  # best at the low edge
+             _run("muon", 0.01, 99, 1.3), _run("muon", 0.02, 99, 1.2),  # best at the high edge
+             _run("adamw", 1e-3, 99, 1.5), _run("adamw", 2e-3, 99, 1.4),
+             _run("adamw", 4e-3, 99, 1.6)]  # fmt: skip
+    assert quality.edge_extensions(sweep) == [("cm", 0.005), ("muon", 0.04)]
+    assert quality.edge_extensions(sweep + [_run("cm", 0.005, 99, 1.25)]) == [("muon", 0.04)]
+
+
 def test_sweep_seed_must_differ_from_the_measured_seeds():
     with pytest.raises(SystemExit):
         quality.parse_args(["--seeds", "0", "1", "--sweep-seed", "1"])
 
 
-def test_quality_end_to_end_tiny(tmp_path, capsys):
+def test_quality_end_to_end_tiny(tmp_path):
     argv = ["--steps", "2", "--eval-every", "1", "--seeds", "0", "1", "--grid-size", "2",
-            "--jobs", "1", "--optimizers", "cm", "muon", "--out", str(tmp_path)]  # fmt: skip
+            "--optimizers", "cm", "muon", "--jobs", "1", "--out", str(tmp_path / "a"),
+            "--cache", str(tmp_path / "cache")]  # fmt: skip
     summary = quality.main(argv)
-    data = json.loads((tmp_path / "quality.json").read_text())
-    assert len(data["sweep"]) == 4 and len(data["final"]) == 4
+    data = json.loads((tmp_path / "a" / "quality.json").read_text())
+    assert len(data["final"]) == 4 and not any(r["cached"] for r in data["sweep"] + data["final"])
     for name in ("cm", "muon"):
         swept = [r for r in data["sweep"] if r["optimizer"] == name]
+        assert len(swept) >= 2
         assert summary["best_lr"][name] == min(swept, key=lambda r: r["final_val_loss"])["lr"]
         assert {r["seed"] for r in data["final"] if r["optimizer"] == name} == {0, 1}
-    md = (tmp_path / "quality.md").read_text()
+    md = (tmp_path / "a" / "quality.md").read_text()
     assert "| cm |" in md and "| muon |" in md and "cm − muon:" in md
-    assert (tmp_path / "quality_val_loss.png").stat().st_size > 0
+    assert (tmp_path / "a" / "quality_val_loss.png").stat().st_size > 0
+    # A second invocation reads every run back from the cache and reports the same numbers.
+    again = quality.main([*argv[:-3], str(tmp_path / "b"), *argv[-2:]])
+    data_b = json.loads((tmp_path / "b" / "quality.json").read_text())
+    assert all(r["cached"] for r in data_b["sweep"] + data_b["final"])
+    assert again["stats"] == summary["stats"]

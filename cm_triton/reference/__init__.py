@@ -1,7 +1,14 @@
 """Pure-torch reference of Compositional Muon: the truth the kernels are tested against."""
 
 from cm_triton.reference.connections import connect
-from cm_triton.reference.primitives import apply_root, gram, gram_inv_sqrt, inv_sqrt, msign
+from cm_triton.reference.primitives import (
+    apply_root,
+    gram,
+    gram_inv_sqrt,
+    inv_sqrt,
+    msign,
+    partner_roots,
+)
 from cm_triton.reference.rule import REFERENCE, Primitives, direction, pair_step, scalar_roots
 
 __all__ = [
@@ -9,6 +16,7 @@ __all__ = [
     "inv_sqrt",
     "gram",
     "gram_inv_sqrt",
+    "partner_roots",
     "apply_root",
     "connect",
     "scalar_roots",

@@ -137,8 +137,9 @@ def report(meta: dict, sweep: list[dict], summary: dict) -> str:
         "",
         f"- Date: {meta['date']}; device: {meta['device']}",
         f"- Versions: Python {meta['python']}, torch {meta['torch']}",
-        f"- Command: `{meta['command']}` ({meta['minutes']:.0f} min; {meta['runs']} runs, "
-        f"{meta['reused']} of them read back from an earlier invocation's cache)",
+        f"- Command: `{meta['command']}`: {meta['runs']} training runs, "
+        f"{meta['train_minutes']:.0f} min of training in all ({meta['reused']} runs read back "
+        "from the cache an earlier invocation of the same command wrote)",
         f"- Model and data: `cm_triton.demo` defaults (4-layer GPT, d = 128, GQA 4/2 heads, "
         f"0.81M parameters, bytes of `pydoc_data.topics`, batch 16 x 128 bytes), "
         f"{meta['steps']} steps, validation loss (nats/byte) on the same "
@@ -161,6 +162,7 @@ def report(meta: dict, sweep: list[dict], summary: dict) -> str:
         for r in sorted((r for r in sweep if r["optimizer"] == name), key=lambda r: r["lr"]):
             cell = f"{r['lr']:g}: {r['final_val_loss']:.4f}"
             cells.append(f"**{cell}**" if r["lr"] == summary["best_lr"][name] else cell)
+        cells += [""] * (width - len(cells))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -279,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "command": " ".join(["python bench/quality.py", *(sys.argv[1:] if argv is None else argv)]),
         "minutes": (time.perf_counter() - start) / 60,
+        "train_minutes": sum(r["seconds"] for r in sweep + final) / 60,
         "steps": args.steps,
         "eval_every": args.eval_every,
         "eval_batches": demo.parse_args([]).eval_batches,

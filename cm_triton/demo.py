@@ -1,6 +1,6 @@
 """Train a small GPT with Compositional Muon on attention, Muon/AdamW on the rest.
 
-    python -m cm_triton.demo                      # CM, embedded text, CPU, ~3 minutes
+    python -m cm_triton.demo                      # CM, embedded text, CPU, ~2 minutes
     python -m cm_triton.demo --compare            # cm and muon, same seed and data, table + PNG
     python -m cm_triton.demo --compare cm cm-isotropic muon adamw --steps 300
 
@@ -28,9 +28,9 @@ from cm_triton.discovery import param_groups
 from cm_triton.optim import CompositionalMuon
 
 OPTIMIZERS = ("cm", "cm-isotropic", "muon", "adamw")
-# Matrix lr per optimizer. cm and muon: best of a 300-step sweep on the default data
-# (bench/results/demo_lr_sweep.md); cm-isotropic takes cm's, adamw a common default (unswept).
-LR = {"cm": 0.02, "cm-isotropic": 0.02, "muon": 0.02, "adamw": 3e-3}
+# Matrix lr per optimizer (AdamW's lr for "adamw"): the best of bench/quality.py's 1000-step
+# sweep on the default data, factor-2 grids, seed 99 (bench/results/quality.md).
+LR = {"cm": 0.01, "cm-isotropic": 0.01, "muon": 0.005, "adamw": 1.5e-3}
 ADAMW_LR = 3e-3  # embeddings, head, norms: the same AdamW for every optimizer
 
 
@@ -234,7 +234,7 @@ def parse_args(argv=None):
         default=None,
         help="run several optimizers with the same seed and data (default: cm muon)",
     )
-    p.add_argument("--steps", type=int, default=1400)  # ~3 minutes on 2 CPU cores
+    p.add_argument("--steps", type=int, default=1000)  # ~2 minutes on 2 CPU cores
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16)

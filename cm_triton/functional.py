@@ -28,6 +28,8 @@ def all_finite(tensors: list[Tensor]) -> bool:
     """
     if not tensors:
         return True
+    if len({t.device for t in tensors}) > 1:  # e.g. a model split over GPUs: check each
+        return all(all_finite([t]) for t in tensors)
     sums = [
         t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors
     ]

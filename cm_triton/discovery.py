@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from cm_triton.optim import CM_KEYS
+from cm_triton.optim import check_cm_keys
 
 __all__ = ["param_groups"]
 
@@ -61,9 +61,7 @@ def param_groups(
     ``options`` are CM flags applied to every attention group (``method="joint"``, ...).
     ``attention=False`` finds no attention: its matrices go to Muon (the plain-Muon baseline).
     """
-    unknown = set(options) - set(CM_KEYS)
-    if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)}; CM options are {CM_KEYS}")
+    check_cm_keys(options)
     groups: list[dict[str, Any]] = []
     claimed: set[int] = set()
 

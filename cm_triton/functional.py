@@ -24,16 +24,13 @@ def all_finite(tensors: list[Tensor]) -> bool:
 
     A sum is finite only if every entry is (NaN and +-Inf propagate through it), so a finite
     sum settles it in one reduction; a non-finite sum, which finite entries can also give by
-    overflow, is checked entry by entry.
+    overflow (float64 entries beyond float32's range included), is checked entry by entry.
     """
     if not tensors:
         return True
     if len({t.device for t in tensors}) > 1:  # e.g. a model split over GPUs: check each
         return all(all_finite([t]) for t in tensors)
-    sums = [
-        t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors
-    ]
-    if bool(torch.isfinite(torch.stack([x.double() for x in sums])).all()):
+    if bool(torch.stack([t.sum(dtype=torch.float32) for t in tensors]).isfinite().all()):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 

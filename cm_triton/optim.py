@@ -70,9 +70,7 @@ class CompositionalMuon(torch.optim.Optimizer):
         nonfinite: str = "raise",
         **cm_options: Any,
     ) -> None:
-        unknown = set(cm_options) - set(CM_KEYS)
-        if unknown:
-            raise TypeError(f"unknown option(s) {sorted(unknown)}; CM options are {CM_KEYS}")
+        check_cm_keys(cm_options)
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         for name, value, high in (("adamw_lr", adamw_lr, math.inf), ("momentum", momentum, 1.0),
@@ -199,6 +197,13 @@ class CompositionalMuon(torch.optim.Optimizer):
         scale = max(1.0, mat.shape[0] / mat.shape[1]) ** 0.5
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(o.view_as(p).to(p.dtype), alpha=-group["lr"] * scale)
+
+
+def check_cm_keys(options: dict[str, Any]) -> None:
+    """Raise TypeError naming any key of ``options`` that is not a CM flag."""
+    unknown = set(options) - set(CM_KEYS)
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; CM options are {CM_KEYS}")
 
 
 def _cm_kwargs(group: dict) -> dict:

@@ -120,3 +120,15 @@ def test_tiny_and_large_head_dim(dh):
     assert _finite(*ts)
     # fp32 kernels vs reference (see test_kernels.py for the 1e-4 derivation)
     torch.testing.assert_close(ts[0], ref[0], rtol=1e-4, atol=1e-6)
+
+
+def test_all_finite_falls_back_when_a_finite_sum_overflows():
+    # float64 entries beyond float32's range make the quick float32 sum infinite; the entry-by-
+    # entry check must still call them finite, and must still catch a real NaN or Inf.
+    from cm_triton.functional import all_finite
+
+    big = torch.tensor([1e300, -1e300, 3.0], dtype=torch.float64)
+    assert all_finite([big, torch.ones(4)])
+    assert not all_finite([big, torch.tensor([1.0, float("nan")])])
+    assert not all_finite([torch.tensor([float("inf")], dtype=torch.bfloat16)])
+    assert all_finite([])

@@ -1,15 +1,39 @@
-"""The one place that chooses a backend for the accelerable primitives (spec §5)."""
+"""The one place that chooses a backend and the per-device defaults (spec §2.1, §5)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
 import torch
 
+from cm_triton.options import CMOptions
 from cm_triton.reference.rule import REFERENCE, Primitives
 
-__all__ = ["triton_available", "interpreting", "resolve_primitives", "resolve_ns_dtype"]
+__all__ = [
+    "DEVICE_DEFAULTS",
+    "triton_available",
+    "interpreting",
+    "resolve_primitives",
+    "resolve_ns_dtype",
+    "resolve_options",
+]
+
+# Defaults per device type, each from a measurement or a labelled estimate:
+# - cpu: ns_method "gram" (fp32, one restart): 0.3-0.5x the time of "ns" per leg and a lower
+#   error against float64 (bench/results/accuracy.md, bench/results/cpu_step.md);
+#   inv_root "eigh": 4-7x faster than either matmul iteration on the CPU, within spec §2's
+#   bound (bench/results/inv_root.md).
+# - cuda: the same accuracy argument for "gram" (the arithmetic is device-independent); the
+#   speed side is the cost model's estimate (bench/cost_model.py), not a GPU measurement.
+#   inv_root "quintic": matmul-only, one batched launch per iteration step, where cuSOLVER's
+#   eigh loops over the batch for head dims above 32 (an estimate, not measured).
+#   ns_dtype bf16 for the Newton-Schulz signs that remain (the hybrid O sign, as cuBLAS runs it).
+DEVICE_DEFAULTS = {
+    "cpu": {"ns_method": "gram", "inv_root": "eigh", "ns_dtype": None},
+    "cuda": {"ns_method": "gram", "inv_root": "quintic", "ns_dtype": torch.bfloat16},
+}
 
 
 def triton_available() -> bool:
@@ -46,8 +70,26 @@ def resolve_primitives(backend: str, device: torch.device) -> Primitives:
     return KERNELS
 
 
+def _defaults(device: torch.device) -> dict:
+    return DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+
+
 def resolve_ns_dtype(ns_dtype: torch.dtype | None, device: torch.device) -> torch.dtype | None:
     """Newton-Schulz iteration dtype: bf16 by default on CUDA, the compute dtype elsewhere."""
-    if ns_dtype is None and device.type == "cuda":
-        return torch.bfloat16
-    return ns_dtype
+    return _defaults(device)["ns_dtype"] if ns_dtype is None else ns_dtype
+
+
+def resolve_ns_method(ns_method: str | None, device: torch.device) -> str:
+    """``ns_method=None`` -> the device's default (``DEVICE_DEFAULTS``)."""
+    return _defaults(device)["ns_method"] if ns_method is None else ns_method
+
+
+def resolve_options(opts: CMOptions, device: torch.device) -> CMOptions:
+    """``opts`` with every per-device default made concrete for tensors on ``device``."""
+    defaults = _defaults(device)
+    return dataclasses.replace(
+        opts,
+        ns_dtype=resolve_ns_dtype(opts.ns_dtype, device),
+        ns_method=resolve_ns_method(opts.ns_method, device),
+        inv_root=defaults["inv_root"] if opts.inv_root == "auto" else opts.inv_root,
+    )

@@ -6,12 +6,12 @@ Plumbing only: validate, lay the nn.Linear weights out as head blocks, run the p
 
 from __future__ import annotations
 
-import dataclasses
+import math
 
 import torch
 from torch import Tensor
 
-from cm_triton.dispatch import resolve_ns_dtype, resolve_primitives
+from cm_triton.dispatch import resolve_options, resolve_primitives
 from cm_triton.options import CMOptions
 from cm_triton.reference.rule import pair_step
 from cm_triton.schedules import POLAR_EXPRESS_8
@@ -20,19 +20,17 @@ __all__ = ["cm_qk", "cm_ov", "row_heads", "col_heads_t", "check_pair_shapes", "a
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
-    """True when every entry of every tensor is finite, with one host sync in the common case.
-
-    A sum is finite only if every entry is (NaN and +-Inf propagate through it), so a finite
-    sum settles it in one reduction; a non-finite sum, which finite entries can also give by
-    overflow (float64 entries beyond float32's range included), is checked entry by entry.
-    """
+    """True when every entry of every tensor is finite: one ``_foreach_norm`` (max-abs, which
+    NaN and Inf propagate through and finite entries can never overflow) per device, and one
+    host sync."""
     if not tensors:
         return True
-    if len({t.device for t in tensors}) > 1:  # e.g. a model split over GPUs: check each
-        return all(all_finite([t]) for t in tensors)
-    if bool(torch.stack([t.sum(dtype=torch.float32) for t in tensors]).isfinite().all()):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    flags = [torch.stack(torch._foreach_norm(ts, math.inf)).isfinite().all()
+             for ts in by_device.values()]  # fmt: skip
+    return bool(flags[0]) if len(flags) == 1 else all(bool(f) for f in flags)
 
 
 def row_heads(w: Tensor, head_dim: int) -> Tensor:
@@ -58,7 +56,9 @@ def _ranges_overlap(a: Tensor, b: Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
-def _validate(named: dict[str, Tensor], head_dim: object, kind: str) -> tuple[int, int, int]:
+def _validate(
+    named: dict[str, Tensor], head_dim: object, kind: str, joint: bool = False
+) -> tuple[int, int, int]:
     """Check the six tensors of one pair (spec §6.8); return ``(Hq, Hkv, d)``.
 
     Meta tensors get the shape, dtype and head checks only (no values to check)."""
@@ -83,20 +83,22 @@ def _validate(named: dict[str, Tensor], head_dim: object, kind: str) -> tuple[in
     if kind == "qk":
         q, k = named["q_w"], named["k_w"]
         heads = {"q_w": q.shape[0], "k_w": k.shape[0]}
-        if q.shape[1] != k.shape[1]:
+        if joint and q.shape[1] != k.shape[1]:
             raise ValueError(
-                f"q_w and k_w must share the model width: {q.shape[1]} != {k.shape[1]}"
+                f"method='joint' stacks q_w and k_w rows under one sign, so they must share "
+                f"their input width: {q.shape[1]} != {k.shape[1]}"
             )
-        d = q.shape[1]
+        d = min(q.shape[1], k.shape[1])
         hq_name, hkv_name = "q_w", "k_w"
     else:
         v, o = named["v_w"], named["o_w"]
         heads = {"v_w": v.shape[0], "o_w": o.shape[1]}
-        if o.shape[0] != v.shape[1]:
+        if joint and o.shape[0] != v.shape[1]:
             raise ValueError(
-                f"o_w has {o.shape[0]} rows but v_w has {v.shape[1]} columns (model width)"
+                f"method='joint' stacks v_w rows and o_w columns under one sign, so o_w's "
+                f"{o.shape[0]} rows must equal v_w's {v.shape[1]} columns"
             )
-        d = v.shape[1]
+        d = min(v.shape[1], o.shape[0])
         hq_name, hkv_name = "o_w", "v_w"
     for name, n in heads.items():
         if n % head_dim:
@@ -137,7 +139,9 @@ def _validate(named: dict[str, Tensor], head_dim: object, kind: str) -> tuple[in
     return hq, hkv, d
 
 
-def check_pair_shapes(kind: str, a: Tensor, b: Tensor, head_dim: object) -> None:
+def check_pair_shapes(
+    kind: str, a: Tensor, b: Tensor, head_dim: object, joint: bool = False
+) -> None:
     """Shape checks of ``cm_qk`` (``kind="qk"``, ``a, b = q_w, k_w``) or ``cm_ov`` (``"ov"``,
     ``v_w, o_w``) without values: what an optimizer can check when its groups are built."""
     names = ("q", "k") if kind == "qk" else ("v", "o")
@@ -145,7 +149,7 @@ def check_pair_shapes(kind: str, a: Tensor, b: Tensor, head_dim: object) -> None
     named = {f"{names[0]}_w": metas[0], f"{names[1]}_w": metas[1]}
     named |= {f"{n}_grad": m for n, m in zip(names, metas)}
     named |= {f"m_{n}": m for n, m in zip(names, metas)}
-    _validate(named, head_dim, kind)
+    _validate(named, head_dim, kind, joint)
 
 
 def _run(
@@ -155,10 +159,10 @@ def _run(
     options: dict,
 ) -> None:
     opts = CMOptions(**options)
-    _validate(named, head_dim, kind)
+    _validate(named, head_dim, kind, opts.method == "joint")
     device = named[next(iter(named))].device
     prims = resolve_primitives(opts.backend, device)
-    opts = dataclasses.replace(opts, ns_dtype=resolve_ns_dtype(opts.ns_dtype, device))
+    opts = resolve_options(opts, device)
     if kind == "qk":
         p_names, s_names, p_view = ("q_w", "q_grad", "m_q"), ("k_w", "k_grad", "m_k"), row_heads
     else:
@@ -166,10 +170,11 @@ def _run(
     p_views = [p_view(named[n], head_dim) for n in p_names]
     s_views = [row_heads(named[n], head_dim) for n in s_names]
     dtype = torch.float64 if named[p_names[0]].dtype == torch.float64 else torch.float32
-    p, gp, mp = (t.to(dtype) for t in p_views)
-    s, gs, ms = (t.to(dtype) for t in s_views)
+    p, gp, mp = (t.to(dtype)[None] for t in p_views)  # a batch of one pair
+    s, gs, ms = (t.to(dtype)[None] for t in s_views)
     with torch.no_grad():
         new = pair_step(p, s, gp, gs, mp, ms, opts, kind == "ov" and opts.hybrid, prims)
+        new = [t[0] for t in new]
         # Commit only a finite result: finite inputs can still give an undefined step when a
         # partner Gram is singular and nothing damps it (C^{-1} does not exist).
         if not all_finite(list(new)):
@@ -205,7 +210,9 @@ def cm_qk(
     per_mat_renorm: bool = False,
     ns_coefficients=POLAR_EXPRESS_8,
     ns_dtype: torch.dtype | None = None,
-    inv_root: str = "newton",
+    ns_method: str | None = None,
+    ns_restart: int = 2,
+    inv_root: str = "auto",
     backend: str = "auto",
 ) -> None:
     """Compositional Muon step on a query/key pair, in place (spec §4.1).
@@ -242,7 +249,9 @@ def cm_ov(
     per_mat_renorm: bool = False,
     ns_coefficients=POLAR_EXPRESS_8,
     ns_dtype: torch.dtype | None = None,
-    inv_root: str = "newton",
+    ns_method: str | None = None,
+    ns_restart: int = 2,
+    inv_root: str = "auto",
     backend: str = "auto",
 ) -> None:
     """Compositional Muon step on a value/output pair, in place (spec §4.2).

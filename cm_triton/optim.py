@@ -1,15 +1,20 @@
 """``CompositionalMuon``: one ``torch.optim.Optimizer`` for a whole model.
 
-Plumbing only: it keeps state and routes each param group to the math it names.
+Plumbing only: it validates groups, keeps state and hands each step to ``engine.Step``, which
+batches equal-shaped work across layers.
 
-- ``"qk"`` / ``"ov"``: a pair ``[q_w, k_w]`` / ``[v_w, o_w]`` plus ``head_dim``; stepped by
-  ``cm_qk`` / ``cm_ov`` (every CM flag is a per-group option).
-- ``"mha"``: one fused ``nn.MultiheadAttention`` ``[in_proj_weight, out_proj.weight]`` plus
-  ``head_dim``; the Q/K/V blocks are row views of the fused weight, gradient and momentum
-  (torch refuses one parameter in two groups, so QK and OV share this one).
-- ``"muon"``: other hidden matrices; Muon with the same ``msign`` and Muon's shape factor
-  ``sqrt(max(1, rows/cols))``, nesterov momentum.
+- ``"qk"`` / ``"ov"``: a pair ``[q_w, k_w]`` / ``[v_w, o_w]`` plus ``head_dim``.
+- ``"mha"``: ``nn.MultiheadAttention``'s ``[in_proj_weight, out_proj.weight]`` plus
+  ``head_dim``; the Q/K/V blocks are row views of the fused weight.
+- ``"attention"``: any registered layout (``cm_triton.layouts``): ``"layout"``,
+  ``"head_dim"``, ``"num_heads"``, ``"num_kv_heads"``; fused weights are stepped through views.
+- ``"muon"``: other hidden matrices (3-D: a batch of matrices); Muon with the same ``msign``,
+  nesterov momentum and the shape factor ``sqrt(max(1, out/in))`` (``"transposed": True``
+  for weights stored ``(in, out)``).
 - ``"adamw"``: everything else (embeddings, output head, norms, biases).
+
+Every CM flag is a per-group option; every trainable parameter sits in exactly one group, and
+each has one momentum buffer (``state[p]["momentum_buffer"]``, the parameter's shape).
 """
 
 from __future__ import annotations
@@ -21,20 +26,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cm_triton.dispatch import resolve_ns_dtype, resolve_primitives
-from cm_triton.functional import all_finite, check_pair_shapes, cm_ov, cm_qk
-from cm_triton.options import CMOptions
-from cm_triton.schedules import POLAR_EXPRESS_8
+from cm_triton import engine
+from cm_triton.engine import ATTENTION_KINDS, CM_KEYS, check_group, group_options
 
-__all__ = ["CompositionalMuon", "KINDS"]
+__all__ = ["CompositionalMuon", "KINDS", "check_cm_keys"]
 
-KINDS = ("qk", "ov", "mha", "muon", "adamw")
-CM_KEYS = (
-    "beta", "nesterov", "damping", "method", "isotropic", "hybrid", "whitening", "connection",
-    "momentum_reproject", "per_mat_renorm", "ns_coefficients", "ns_dtype", "inv_root", "backend",
-)  # fmt: skip
+KINDS = (*ATTENTION_KINDS, "muon", "adamw")
 NONFINITE = ("raise", "skip")
-# Gradient names of an attention group's two weights, as cm_qk / cm_ov call them.
+# Gradient names of the fixed-shape attention kinds, as cm_qk / cm_ov call them.
 GRAD_NAMES = {"qk": ("q_grad", "k_grad"), "ov": ("v_grad", "o_grad"),
               "mha": ("in_proj_weight's gradient", "out_proj.weight's gradient")}  # fmt: skip
 
@@ -44,17 +43,23 @@ class CompositionalMuon(torch.optim.Optimizer):
 
     Args:
         params: param groups, each a dict with ``"kind"`` in ``KINDS`` and ``"params"``
-            (``cm_triton.param_groups(model)`` builds them); ``"qk"``, ``"ov"`` and ``"mha"``
-            groups also carry ``"head_dim"``.
+            (``cm_triton.param_groups(model)`` builds them); attention groups also carry
+            ``"head_dim"`` (and, for ``"attention"``, ``"layout"``, ``"num_heads"``,
+            ``"num_kv_heads"``).
         lr: step size eta of the CM and Muon groups.
         adamw_lr: learning rate of the AdamW groups (a group's own ``"lr"`` wins).
         weight_decay: decoupled weight decay, every group.
-        momentum: Muon's momentum (nesterov) for ``"muon"`` groups.
+        momentum: Muon's momentum (nesterov) for ``"muon"`` groups and layout extras.
         betas, eps: AdamW's.
-        nonfinite: ``"raise"`` (default) or ``"skip"``: a pair or matrix whose gradient has a
-            NaN/Inf is left untouched and counted in its state as ``"nonfinite_skips"``.
-        **cm_options: defaults for CM flags (``method``, ``connection``, ``damping``, ...);
-            ``beta`` is CM's momentum.
+        nonfinite: ``"raise"`` (default): a NaN/Inf gradient anywhere raises before anything
+            moves; ``"skip"``: a group (attention) or matrix (Muon) with one is left untouched
+            and counted in its first parameter's state as ``"nonfinite_skips"``.
+        **cm_options: defaults for CM flags (``method``, ``connection``, ``damping``,
+            ``ns_method``, ...); ``beta`` is CM's momentum.
+
+    A step stacks equal-shaped groups across layers and runs each batch once, so its op count
+    does not grow with depth. A step whose result would be non-finite (an undamped singular
+    partner) raises ``FloatingPointError`` and changes nothing.
     """
 
     def __init__(
@@ -93,21 +98,16 @@ class CompositionalMuon(torch.optim.Optimizer):
             param_group["lr"] = self.defaults["adamw_lr"]
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if kind in ("qk", "ov", "mha"):
-            if len(group["params"]) != 2:
-                raise ValueError(
-                    f"a {kind!r} group holds exactly 2 weights, got {len(group['params'])}"
-                )
-            a, b = group["params"]  # check_pair_shapes validates head_dim with everything else
-            if kind == "mha":
-                if a.shape[0] % 3:
-                    raise ValueError(f"an 'mha' in_proj_weight has {a.shape[0]} rows, not 3 x E")
-                q, k, v = a.split(a.shape[0] // 3)
-                check_pair_shapes("qk", q, k, group.get("head_dim"))
-                check_pair_shapes("ov", v, b, group.get("head_dim"))
-            else:
-                check_pair_shapes(kind, a, b, group.get("head_dim"))
-        CMOptions(eta=group["lr"], weight_decay=group["weight_decay"], **_cm_kwargs(group))
+        where = f"param group {len(self.param_groups) - 1} ({kind!r})"
+        if kind in ATTENTION_KINDS:
+            if kind != "attention" and len(group["params"]) != 2:
+                raise ValueError(f"{where}: holds exactly 2 weights, got {len(group['params'])}")
+            check_group(group, where)
+        elif kind == "muon":
+            for p in group["params"]:
+                if p.dim() < 2:
+                    raise ValueError(f"{where}: Muon needs matrices, got shape {tuple(p.shape)}")
+        group_options(group)  # validates every CM flag of the group
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - torch.optim's contract
@@ -115,48 +115,63 @@ class CompositionalMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._raise_on_nonfinite()
-        for group in self.param_groups:
-            kind = group["kind"]
-            if kind in ("qk", "ov", "mha"):
-                self._step_attention(group)
-            elif kind == "muon":
-                prims = resolve_primitives(group.get("backend", "auto"), group["params"][0].device)
-                ns_dtype = resolve_ns_dtype(group.get("ns_dtype"), group["params"][0].device)
-                for p in group["params"]:
-                    if p.grad is not None and self._finite_or_skip(group, [p]):
-                        self._step_muon(group, p, prims, ns_dtype)
-            else:
-                for p in group["params"]:
-                    if p.grad is not None and self._finite_or_skip(group, [p]):
-                        _adamw_step(self.state[p], p, p.grad, group)
+        run = engine.Step(self.state, self._buffer)
+        kinds = {k: [g for g in self.param_groups if g["kind"] in k] for k in
+                 (ATTENTION_KINDS, ("muon",), ("adamw",))}  # fmt: skip
+        batches = run.attention_batches(kinds[ATTENTION_KINDS])
+        batches += run.muon_batches(kinds[("muon",)])
+        adamw = kinds[("adamw",)]
+        self._check_finite(run, batches, adamw)
+        writes = []
+        for b in batches:
+            runner = run.run_attention if b.key[0] == "attention" else run.run_muon
+            writes += runner(b)
+        # Commit only a finite result: finite inputs can still give an undefined step when a
+        # partner Gram is singular and nothing damps it (C^{-1} does not exist).
+        if writes and not engine.Step.all_finite([v for _, v in writes]):
+            raise FloatingPointError(
+                "CompositionalMuon produced a non-finite step, so nothing was modified: with "
+                "damping=0.0 a zero or rank-deficient partner head has no inverse root; use "
+                "damping > 0"
+            )
+        engine.commit(writes)
+        for group in adamw:
+            engine.adamw_step(self.state, group, self._finite_params(group))
         return loss
 
     # -- plumbing -------------------------------------------------------------------------
-    def _raise_on_nonfinite(self) -> None:
-        """``nonfinite="raise"``: check every gradient before any parameter moves, so a step
-        that raises leaves the whole model and all state as they were."""
+    def _check_finite(self, run: engine.Step, batches: list, adamw: list[dict]) -> None:
+        """One host sync for every gradient of the step. ``nonfinite="raise"``: raise before
+        anything moves, naming the group and parameter."""
+        adam_grads = [p.grad for g in adamw for p in g["params"] if p.grad is not None]
+        ok = run.check_finite(batches) & engine.Step.all_finite(adam_grads)
+        if ok:
+            return
         for i, group in enumerate(self.param_groups):
             if group["nonfinite"] != "raise":
                 continue
             names = GRAD_NAMES.get(group["kind"])
-            if all_finite([p.grad for p in group["params"] if p.grad is not None]):
-                continue
             for j, p in enumerate(group["params"]):
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    what = names[j] if names else f"the gradient of parameter {j} {tuple(p.shape)}"
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    what = names[j] if names else f"the gradient of parameter {j}"
                     raise ValueError(
-                        f"param group {i} ({group['kind']!r}): {what} contains non-finite values "
-                        f"(nan or inf); nothing was modified"
+                        f"param group {i} ({group['kind']!r}): {what} {tuple(p.shape)} contains "
+                        f"non-finite values (nan or inf); nothing was modified"
                     )
 
-    def _finite_or_skip(self, group: dict, params: list[Tensor]) -> bool:
-        """``nonfinite="skip"``: count and skip a pair or matrix with a non-finite gradient."""
-        if group["nonfinite"] == "raise" or all_finite([p.grad for p in params]):
-            return True
-        state = self.state[params[0]]
-        state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
-        return False
+    def _finite_params(self, group: dict) -> list[Tensor]:
+        """AdamW's parameters to step; "skip" mode drops (and counts) non-finite ones."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if group["nonfinite"] == "raise" or engine.Step.all_finite([p.grad for p in params]):
+            return params
+        keep = []
+        for p in params:
+            if bool(torch.isfinite(p.grad).all()):
+                keep.append(p)
+            else:
+                st = self.state[p]
+                st["nonfinite_skips"] = st.get("nonfinite_skips", 0) + 1
+        return keep
 
     def _buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]
@@ -164,63 +179,9 @@ class CompositionalMuon(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state["momentum_buffer"]
 
-    def _step_attention(self, group: dict) -> None:
-        a, b = group["params"]
-        if a.grad is None or b.grad is None:  # a pair is stepped whole or not at all
-            return
-        if not self._finite_or_skip(group, [a, b]):
-            return
-        kw = dict(head_dim=group["head_dim"], eta=group["lr"], weight_decay=group["weight_decay"])
-        kw.update(_cm_kwargs(group))
-        qk_kw = {k_: v_ for k_, v_ in kw.items() if k_ != "hybrid"}  # hybrid is OV's flag
-        ma, mb = self._buffer(a), self._buffer(b)
-        if group["kind"] == "qk":
-            cm_qk(a, b, a.grad, b.grad, ma, mb, **qk_kw)
-        elif group["kind"] == "ov":
-            cm_ov(a, b, a.grad, b.grad, ma, mb, **kw)
-        else:  # fused nn.MultiheadAttention: rows [q; k; v] of in_proj_weight
-            e = a.shape[0] // 3
-            q, k, v = a.split(e)
-            gq, gk, gv = a.grad.split(e)
-            mq, mk, mv = ma.split(e)
-            cm_qk(q, k, gq, gk, mq, mk, **qk_kw)
-            cm_ov(v, b, gv, b.grad, mv, mb, **kw)
-
-    def _step_muon(self, group: dict, p: Tensor, prims, ns_dtype: torch.dtype | None) -> None:
-        buf = self._buffer(p)
-        g = p.grad
-        buf.mul_(group["momentum"]).add_(g)
-        update = g.add(buf, alpha=group["momentum"])  # nesterov
-        mat = update.reshape(update.shape[0], -1)
-        coeffs = group.get("ns_coefficients", POLAR_EXPRESS_8)
-        o = prims.msign(mat[None], coeffs, ns_dtype)[0]
-        scale = max(1.0, mat.shape[0] / mat.shape[1]) ** 0.5
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(o.view_as(p).to(p.dtype), alpha=-group["lr"] * scale)
-
 
 def check_cm_keys(options: dict[str, Any]) -> None:
     """Raise TypeError naming any key of ``options`` that is not a CM flag."""
     unknown = set(options) - set(CM_KEYS)
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)}; CM options are {CM_KEYS}")
-
-
-def _cm_kwargs(group: dict) -> dict:
-    return {k: group[k] for k in CM_KEYS if k in group}
-
-
-def _adamw_step(state: dict, p: Tensor, g: Tensor, group: dict) -> None:
-    """Decoupled AdamW (Loshchilov & Hutter), bias-corrected; moments in ``state``."""
-    if "step" not in state:
-        state["step"] = torch.zeros((), dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    b1, b2 = group["betas"]
-    state["step"] += 1
-    t = state["step"].item()
-    state["exp_avg"].lerp_(g, 1 - b1)
-    state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-    denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
-    p.mul_(1 - group["lr"] * group["weight_decay"])
-    p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - b1**t))

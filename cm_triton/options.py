@@ -13,7 +13,8 @@ from cm_triton.schedules import POLAR_EXPRESS_8
 METHODS = ("half_split", "joint")
 WHITENINGS = ("both", "pre", "post", "none")
 CONNECTIONS = ("none", "frobenius", "frobenius_scalar", "scale_aware", "scale_aware_scalar")
-INV_ROOTS = ("newton", "eigh")
+INV_ROOTS = ("auto", "newton", "quintic", "eigh")
+NS_METHODS = ("ns", "gram")
 BACKENDS = ("auto", "reference", "triton")
 NS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -38,7 +39,11 @@ def _flag(name: str, value: object) -> None:
 
 @dataclass(frozen=True)
 class CMOptions:
-    """Every variant flag of one CM call; validated on construction (spec §4)."""
+    """Every variant flag of one CM call; validated on construction (spec §4).
+
+    ``ns_method=None``, ``inv_root="auto"`` and ``ns_dtype=None`` are resolved per device by
+    ``cm_triton.dispatch.resolve_options`` before any math runs.
+    """
 
     eta: float
     beta: float = 0.95
@@ -54,7 +59,9 @@ class CMOptions:
     per_mat_renorm: bool = False
     ns_coefficients: tuple[tuple[float, float, float], ...] = POLAR_EXPRESS_8
     ns_dtype: torch.dtype | None = None
-    inv_root: str = "newton"
+    ns_method: str | None = None
+    ns_restart: int = 2
+    inv_root: str = "auto"
     backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -68,6 +75,8 @@ class CMOptions:
         _choice("whitening", self.whitening, WHITENINGS)
         _choice("connection", self.connection, CONNECTIONS)
         _choice("inv_root", self.inv_root, INV_ROOTS)
+        if self.ns_method is not None:
+            _choice("ns_method", self.ns_method, NS_METHODS)
         _choice("backend", self.backend, BACKENDS)
         if self.ns_dtype is not None and self.ns_dtype not in NS_DTYPES:
             raise ValueError(f"ns_dtype must be None or one of {NS_DTYPES}, got {self.ns_dtype!r}")
@@ -84,6 +93,12 @@ class CMOptions:
                 f"got {self.ns_coefficients!r}"
             )
         object.__setattr__(self, "ns_coefficients", coeffs)
+        r = self.ns_restart
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < len(coeffs):
+            raise ValueError(
+                f"ns_restart must be an int in [0, {len(coeffs)}) (the step after which the "
+                f"Gram iteration restarts; 0: never), got {r!r}"
+            )
 
     @property
     def budget(self) -> float:

@@ -40,14 +40,24 @@ def _ov(dtype=torch.float32):
 KW = dict(head_dim=8, eta=0.1)
 
 
-@pytest.mark.parametrize("i", range(6))
+@pytest.mark.parametrize("i", range(2, 6))
 def test_wrong_shape_names_the_argument(i):
     ts = _qk()
-    ts[i] = ts[i][:, :-1] if i in (2, 3, 4, 5) else ts[i]
-    if i in (0, 1):  # a weight with the wrong width
-        ts[i] = torch.randn(ts[i].shape[0], 18)
-    name = QK_NAMES[i] if i >= 2 else "q_w and k_w"
-    _call_expect(cm_qk, ts, name, **KW)
+    ts[i] = ts[i][:, :-1]
+    _call_expect(cm_qk, ts, QK_NAMES[i], **KW)
+
+
+def test_joint_needs_one_width_for_both_factors():
+    # Per-head legs never mix the two factors' input widths (the Grams are dh x dh), but
+    # method="joint" stacks both factors' rows under one sign.
+    ts = _qk()
+    for i in (0, 2, 4):  # q_w, q_grad, m_q 18 wide; k 19 wide
+        ts[i] = ts[i][:, :-1].contiguous()
+    _call_expect(cm_qk, ts, "q_w and k_w", **KW, method="joint")
+    ts = _ov()
+    for i in (1, 3, 5):  # o_w, o_grad, m_o with 18 rows; v_w 19 columns
+        ts[i] = ts[i][:-1].contiguous()
+    _call_expect(cm_ov, ts, "o_w's 18 rows", **KW, method="joint")
 
 
 @pytest.mark.parametrize("i", range(2, 6))
@@ -59,8 +69,8 @@ def test_ov_wrong_shape_names_the_argument(i):
 
 def test_ov_width_mismatch():
     ts = _ov()
-    ts[1] = torch.randn(18, ts[1].shape[1])
-    _call_expect(cm_ov, ts, "o_w", **KW)
+    ts[1] = torch.randn(18, ts[1].shape[1])  # o_w alone changed: its gradient no longer fits
+    _call_expect(cm_ov, ts, "o_grad", **KW)
 
 
 def test_not_2d_and_not_tensor():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_properties import EXACT, _composed_change
+from test_properties import EXACT, _composed_change, direction
 
 from cm_triton import CMOptions, cm_ov, cm_qk
-from cm_triton.reference import connect, direction
+from cm_triton.reference import connect
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

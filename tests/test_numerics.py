@@ -132,3 +132,26 @@ def test_all_finite_falls_back_when_a_finite_sum_overflows():
     assert not all_finite([big, torch.tensor([1.0, float("nan")])])
     assert not all_finite([torch.tensor([float("inf")], dtype=torch.bfloat16)])
     assert all_finite([])
+
+
+def test_factor_widths_may_differ():
+    # The per-head Grams are dh x dh whatever the factors' input widths (cross-attention,
+    # nn.MultiheadAttention with kdim != embed_dim). A zero column appended to q (weight,
+    # gradient, momentum) changes no Gram and no sign except by that zero column, so the
+    # narrow call must equal the padded one. float64: only summation order differs (~1e-16,
+    # amplified by the iterations to ~1e-13); rtol 1e-10 is far below any formula error.
+    def pad(t, dim):
+        return torch.cat([t, torch.zeros_like(t.narrow(dim, 0, 1))], dim)
+
+    for fn, make, idx, dim in ((cm_qk, qk_tensors, (0, 2, 4), 1), (cm_ov, ov_tensors, (1, 3, 5), 0)):
+        narrow = list(make(H, 2, DH, D, dtype=torch.float64))
+        for i in idx:
+            narrow[i] = narrow[i].narrow(dim, 0, D - 1).contiguous()
+        padded = [pad(t, dim) if i in idx else t.clone() for i, t in enumerate(narrow)]
+        fn(*narrow, **KW)
+        fn(*padded, **KW)
+        for i, (a, b) in enumerate(zip(narrow, padded)):
+            if i in idx:
+                assert torch.equal(b.narrow(dim, D - 1, 1), torch.zeros_like(b.narrow(dim, 0, 1)))
+                b = b.narrow(dim, 0, D - 1)
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

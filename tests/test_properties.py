@@ -13,10 +13,29 @@ from oracle import svd_msign
 
 from cm_triton import CMOptions, cm_ov, cm_qk
 from cm_triton.functional import col_heads_t, row_heads
-from cm_triton.reference import REFERENCE, Primitives, connect, direction, gram_inv_sqrt
+from cm_triton.reference import REFERENCE, Primitives, connect, partner_roots
+from cm_triton.reference import direction as batched_direction
+from cm_triton.reference.legs import apply_blocks
 
-EXACT = Primitives(msign=lambda x, coefficients, dtype: svd_msign(x), gram_inv_sqrt=gram_inv_sqrt)
+
+def _exact_sign(d, pre, post, coefficients=None, method=None, restart=0, dtype=None, blocks=1):
+    """``post msign(pre D)`` with the SVD polar factor (``whitened_sign``'s signature)."""
+    k = blocks
+    u = svd_msign(d if pre is None else apply_blocks(pre, d))
+    u_sq = u.square().unflatten(-2, (k, -1)).sum((-2, -1))
+    return (u if post is None else apply_blocks(post, u)), u_sq
+
+
+EXACT = Primitives(
+    roots=partner_roots, whitened_sign=_exact_sign, msign=lambda x, *a, **k: svd_msign(x)
+)
 TOL = 1e-9
+
+
+def direction(p, s, dp, ds, opts, hybrid=False, prims=REFERENCE):
+    """``reference.direction`` on one pair: ``(H, dh, d)`` blocks in and out."""
+    out = batched_direction(p[None], s[None], dp[None], ds[None], opts, hybrid, prims)
+    return out[0][0], out[1][0]
 
 
 def _heads(hq, hkv, dh, d, seed=0):

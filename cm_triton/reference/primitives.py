@@ -1,4 +1,4 @@
-"""Batched primitives of Compositional Muon in pure torch (spec §2).
+"""Batched primitives of Compositional Muon in pure torch (spec §2, §2.1).
 
 Every function here is pure: it never writes to its inputs.
 """
@@ -10,92 +10,190 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from cm_triton.schedules import INV_SQRT_NEWTON, POLAR_EXPRESS_8
+from cm_triton.schedules import INV_SQRT_NEWTON, INV_SQRT_QUINTIC, POLAR_EXPRESS_8
 
-__all__ = ["msign", "inv_sqrt", "gram", "gram_inv_sqrt", "partner_roots", "apply_root"]
+__all__ = [
+    "msign",
+    "gram_polynomial",
+    "normalise",
+    "inv_sqrt",
+    "gram",
+    "apply_root",
+    "gram_inv_sqrt",
+    "partner_roots",
+]
+
+Coefficients = Sequence[tuple[float, float, float]]
 
 
-def msign(
-    x: Tensor,
-    coefficients: Sequence[tuple[float, float, float]] = POLAR_EXPRESS_8,
-    dtype: torch.dtype | None = None,
-) -> Tensor:
-    """Orthogonal polar factor ``U V^T`` of each slice, by Newton-Schulz (spec §2).
+def _eye_add(x: Tensor, a: float) -> Tensor:
+    """``x + a I`` for a batch of square matrices, out of place."""
+    out = x.clone()
+    out.diagonal(dim1=-2, dim2=-1).add_(a)
+    return out
 
-    Shapes: ``(..., m, n) -> (..., m, n)``. Each trailing ``(m, n)`` slice is normalised by its
-    own Frobenius norm; tall slices (m > n) are iterated on their transpose. ``dtype`` is the
-    iteration dtype (default: float32, or float64 for float64 input); the result is float32
-    (float64 for float64 input).
+
+def normalise(x: Tensor) -> Tensor:
+    """``X / (||X||_F 1.01 + 1e-7)`` per trailing slice, out of place (spec §2 step 2)."""
+    return x / (torch.linalg.matrix_norm(x, keepdim=True) * 1.01 + 1e-7)
+
+
+def gram_polynomial(r: Tensor, coefficients: Coefficients) -> tuple[Tensor, Tensor]:
+    """The Newton-Schulz polynomial evaluated on the Gram (spec §2.1).
+
+    Shapes: ``r (..., m, m) -> (q (..., m, m), r_final (..., m, m))``. For ``r = X X^T``,
+    ``q X`` is what the iteration ``X <- a X + (b A + c A A) X`` makes of ``X`` and
+    ``r_final = (q X)(q X)^T``: per step ``P = a I + b R + c R^2; Q <- P Q; R <- P R P``.
     """
-    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    it_dtype = dtype if dtype is not None else out_dtype
-    tall = x.shape[-2] > x.shape[-1]
-    y = x.to(out_dtype)
-    if tall:
-        y = y.mT
-    # Out of place: never normalise a caller's tensor (torch.optim.Muon once did).
-    y = y / (torch.linalg.matrix_norm(y, keepdim=True) * 1.01 + 1e-7)
-    lead = y.shape[:-2]
-    y = y.to(it_dtype).reshape(-1, *y.shape[-2:])
+    shape = r.shape
+    r = r.reshape(-1, *shape[-2:])
+    q = None
+    for a, b, c in coefficients:
+        p = _eye_add(torch.baddbmm(r, r, r, beta=b, alpha=c), a)  # a I + b R + c R^2
+        q = p if q is None else p @ q
+        r = (p @ r) @ p
+        r = 0.5 * (r + r.mT)  # P and R commute: symmetric in exact arithmetic
+    if q is None:
+        q = _eye_add(torch.zeros_like(r), 1.0)
+    return q.view(shape), r.view(shape)
+
+
+def _msign_ns(y: Tensor, coefficients: Coefficients) -> Tensor:
     for a, b, c in coefficients:
         # A = X X^T;  X <- a X + (b A + c A A) X, with the scalings fused into the products
         # (baddbmm: beta*input + alpha*(m1 @ m2)), which halves the passes over X on the CPU.
         gram_ = torch.bmm(y, y.mT)
         poly = torch.baddbmm(gram_, gram_, gram_, beta=b, alpha=c)
         y = torch.baddbmm(y, poly, y, beta=a)
+    return y
+
+
+def _msign_gram(y: Tensor, coefficients: Coefficients, restart: int) -> Tensor:
+    r = y @ y.mT
+    if 0 < restart < len(coefficients):
+        # Restart (spec §2.1): the fp32 Gram loses singular values below ~sqrt(u); after
+        # `restart` steps they are amplified (by ~33 after two Polar Express steps), and the
+        # Gram of the explicitly formed X_r resolves them again.
+        q, _ = gram_polynomial(r, coefficients[:restart])
+        y = q @ y
+        r = y @ y.mT
+        coefficients = coefficients[restart:]
+    q, _ = gram_polynomial(r, coefficients)
+    return q @ y
+
+
+def msign(
+    x: Tensor,
+    coefficients: Coefficients = POLAR_EXPRESS_8,
+    dtype: torch.dtype | None = None,
+    method: str = "ns",
+    restart: int = 0,
+) -> Tensor:
+    """Orthogonal polar factor ``U V^T`` of each slice, by Newton-Schulz (spec §2, §2.1).
+
+    Shapes: ``(..., m, n) -> (..., m, n)``. Each trailing ``(m, n)`` slice is normalised by its
+    own Frobenius norm; tall slices (m > n) are iterated on their transpose.
+    ``method="ns"`` iterates on X in ``dtype`` (default: float32, or float64 for float64
+    input). ``method="gram"`` evaluates the same polynomial on the short side's Gram in the
+    compute dtype (``dtype`` does not apply), restarting once after ``restart`` steps
+    (0: never). The result is float32 (float64 for float64 input).
+    """
+    if method not in ("ns", "gram"):
+        raise ValueError(f"ns_method must be 'ns' or 'gram', got {method!r}")
+    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    tall = x.shape[-2] > x.shape[-1]
+    y = x.to(out_dtype)
+    if tall:
+        y = y.mT
+    # Out of place: never normalise a caller's tensor (torch.optim.Muon once did).
+    y = normalise(y)
+    lead = y.shape[:-2]
+    y = y.reshape(-1, *y.shape[-2:])
+    if method == "gram":
+        y = _msign_gram(y, coefficients, restart)
+    else:
+        y = _msign_ns(y.to(dtype if dtype is not None else out_dtype), coefficients)
     y = y.reshape(*lead, *y.shape[-2:]).to(out_dtype)
     return y.mT if tall else y
+
+
+def _coupled_newton(a: Tensor, coefficients: Sequence[tuple[float, ...]]) -> Tensor:
+    """Coupled Newton-Schulz ``Z -> A^{-1/2}``: ``(B, n, n) -> (B, n, n)``.
+
+    With ``Y_0 = s A``, ``Z_0 = I`` and ``P = Z Y``, each step applies a polynomial
+    ``q(P) = a + b P (+ c P^2)``: ``Y <- Y q(P); Z <- q(P) Z``. On an eigenvalue ``t`` of
+    ``s A`` this is the msign step ``x <- x q(x^2)`` on ``x = sqrt(t)``, so the quintic Polar
+    Express schedule of msign drives every ``sqrt(t)`` in ``[1e-3, 1]`` to 1, i.e.
+    ``Z -> (s A)^{-1/2}``.
+    """
+    n = a.shape[-1]
+    s = (1.0 - 1e-3) / torch.linalg.matrix_norm(a, keepdim=True)
+    y = s * a
+    z = torch.eye(n, dtype=a.dtype, device=a.device).expand_as(y)
+    for step in coefficients:
+        p = torch.bmm(z, y)
+        if len(step) == 2:
+            ca, cb = step
+            y = torch.baddbmm(y, y, p, beta=ca, alpha=cb)  # a Y + b Y P
+            z = torch.baddbmm(z, p, z, beta=ca, alpha=cb)  # a Z + b P Z
+        else:
+            ca, cb, cc = step
+            poly = _eye_add(torch.baddbmm(p, p, p, beta=cb, alpha=cc), ca)  # a + b P + c P^2
+            y = torch.bmm(y, poly)
+            z = torch.bmm(poly, z)
+        y = y.add(y.mT).mul_(0.5)
+        z = z.add(z.mT).mul_(0.5)
+    return z * s.sqrt()
+
+
+INV_ROOTS_MATMUL = {"newton": INV_SQRT_NEWTON, "quintic": INV_SQRT_QUINTIC}
 
 
 def inv_sqrt(
     a: Tensor,
     method: str = "newton",
-    floor: float = 1e-12,
-    coefficients: Sequence[tuple[float, float]] = INV_SQRT_NEWTON,
+    floor: float = 0.0,
 ) -> Tensor:
     """Inverse square root of a batch of SPD matrices (spec §2).
 
-    Shapes: ``(..., n, n) -> (..., n, n)``. ``"newton"``: coupled Newton-Schulz, matmul only.
-    ``"eigh"``: exact, eigenvalues clamped below at ``floor`` before ``w^{-1/2}``.
+    Shapes: ``(..., n, n) -> (..., n, n)``. ``"newton"``: the release's coupled Newton-Schulz,
+    25 cubic steps. ``"quintic"``: the same coupled iteration with 7 quintic steps (the first
+    six of Polar Express, then one classic step: 28 products instead of 75, equally accurate).
+    ``"eigh"``: exact; eigenvalues are clamped below at ``floor`` (rounding can push a damped
+    Gram's eigenvalues under the damping), and a zero one with ``floor = 0`` gives a non-finite
+    root, as the matmul methods do for a singular matrix.
     """
     if method == "eigh":
         sym = 0.5 * (a + a.mT)
         w, p = torch.linalg.eigh(sym)
         return (p * w.clamp_min(floor).rsqrt().unsqueeze(-2)) @ p.mT
-    if method != "newton":
-        raise ValueError(f"inv_root must be 'newton' or 'eigh', got {method!r}")
+    if method not in INV_ROOTS_MATMUL:
+        raise ValueError(f"inv_root must be one of {['eigh', *INV_ROOTS_MATMUL]}, got {method!r}")
     n = a.shape[-1]
-    s = (1.0 - 1e-3) / torch.linalg.matrix_norm(a, keepdim=True)
-    y = (s * a).reshape(-1, n, n)
-    z = torch.eye(n, dtype=a.dtype, device=a.device).expand_as(y)
-    for ca, cb in coefficients:
-        p = torch.bmm(z, y)
-        y = torch.baddbmm(y, y, p, beta=ca, alpha=cb)  # a Y + b Y P
-        z = torch.baddbmm(z, p, z, beta=ca, alpha=cb)  # a Z + b P Z
-        y = y.add(y.mT).mul_(0.5)
-        z = z.add(z.mT).mul_(0.5)
-    return z.view(a.shape) * s.sqrt()
+    z = _coupled_newton(a.reshape(-1, n, n), INV_ROOTS_MATMUL[method])
+    return z.view(a.shape)
 
 
 def gram(w: Tensor, group_size: int = 1, damping: float = 0.0) -> Tensor:
     """Damped row Gram of head blocks, summed over consecutive groups (spec §1).
 
-    Shapes: ``w (H, dh, d) -> (H // group_size, dh, dh)``:
+    Shapes: ``w (..., H, dh, d) -> (..., H // group_size, dh, dh)``:
     ``A_g = sum_{h in g} W_h W_h^T + damping I``.
     """
-    h, dh, _ = w.shape
-    a = (w @ w.mT).view(h // group_size, group_size, dh, dh).sum(1)
-    return a + damping * torch.eye(dh, dtype=a.dtype, device=a.device)
+    *lead, h, dh, _ = w.shape
+    a = (w @ w.mT).view(*lead, h // group_size, group_size, dh, dh).sum(-3)
+    return _eye_add(a, damping) if damping else a
 
 
 def apply_root(root: Tensor, x: Tensor) -> Tensor:
     """Multiply each head block by its group's root from the left.
 
-    Shapes: ``root (R, dh, dh), x (R*k, dh, d) -> (R*k, dh, d)``; head ``i`` uses root ``i // k``.
+    Shapes: ``root (..., R, dh, dh), x (..., R*k, dh, d) -> (..., R*k, dh, d)``; head ``i``
+    uses root ``i // k``.
     """
-    r = root.shape[0]
-    xs = x.reshape(r, x.shape[0] // r, *x.shape[1:])
-    return (root.unsqueeze(1) @ xs).reshape(x.shape)
+    *lead, r, dh, _ = root.shape
+    xs = x.reshape(*lead, r, x.shape[-3] // r, *x.shape[-2:])
+    return (root.unsqueeze(-3) @ xs).reshape(x.shape)
 
 
 def gram_inv_sqrt(
@@ -111,29 +209,20 @@ def gram_inv_sqrt(
     Shapes: ``w (H, dh, d) -> root (H // group_size, dh, dh)``;
     ``apply_to (R*k, dh, d) -> (R*k, dh, d)`` with ``R = H // group_size``.
     """
-    root = inv_sqrt(gram(w, group_size, damping), method, floor=max(damping, 1e-12))
+    root = inv_sqrt(gram(w, group_size, damping), method, floor=damping)
     return root, (None if apply_to is None else apply_root(root, apply_to))
 
 
 def partner_roots(
-    p: Tensor,
-    s: Tensor,
-    damping: float,
-    method: str = "newton",
-    dp: Tensor | None = None,
-    ds: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Both partner roots of a pair from one batched inverse root (fewer, larger products than
-    two ``gram_inv_sqrt`` calls; the same math), and optionally the whitened operands.
+    p: Tensor, s: Tensor, damping: float, method: str = "newton"
+) -> tuple[Tensor, Tensor]:
+    """Both partner roots of a pair from one batched inverse root.
 
-    Shapes: ``p (Hq, dh, d), s (Hkv, dh, d)`` with ``G = Hq // Hkv`` ->
-    ``r_s (Hkv, dh, dh) = (S_g S_g^T + damping I)^{-1/2}`` (whitens the P heads of group g),
-    ``r_p (Hkv, dh, dh) = (sum_{h in g} P_h P_h^T + damping I)^{-1/2}`` (whitens S_g),
-    ``r_s[g(h)] dp_h`` for ``dp (Hq, dh, d)`` and ``r_p ds`` for ``ds (Hkv, dh, d)``.
+    Shapes: ``p (..., Hq, dh, d_p), s (..., Hkv, dh, d_s)`` with ``G = Hq // Hkv`` ->
+    ``r_s (..., Hkv, dh, dh) = (S_g S_g^T + damping I)^{-1/2}`` (whitens the P heads of group g)
+    and ``r_p (..., Hkv, dh, dh) = (sum_{h in g} P_h P_h^T + damping I)^{-1/2}`` (whitens S_g).
     """
-    hkv = s.shape[0]
-    grams = torch.cat([gram(s, 1, damping), gram(p, p.shape[0] // hkv, damping)])
-    r_s, r_p = inv_sqrt(grams, method, floor=max(damping, 1e-12)).split(hkv)
-    wp = None if dp is None else apply_root(r_s, dp)
-    ws = None if ds is None else apply_root(r_p, ds)
-    return r_s, r_p, wp, ws
+    hkv = s.shape[-3]
+    grams = torch.cat([gram(s, 1, damping), gram(p, p.shape[-3] // hkv, damping)], dim=-3)
+    r_s, r_p = inv_sqrt(grams, method, floor=damping).split(hkv, dim=-3)
+    return r_s, r_p

@@ -1,0 +1,237 @@
+"""Attention layouts: where each factor's heads sit inside a model's parameters.
+
+CM needs, per attention module, the heads of q, k, v (row blocks ``(H, dh, d)``) and of o
+(its column blocks, transposed: ``(Hq, dh, d)``). Models store them in many ways: four
+``nn.Linear``s, one fused ``[q; k; v]`` weight, per-head interleaving ``[q_h; k_h; v_h]``,
+grouped ``[q_g1..q_gG; k_g; v_g]``, a gate beside each query head, transposed storage
+(GPT-2's ``Conv1D``). A ``Layout`` says it declaratively, as strided *views* of the one
+parameter: CM reads and writes fused weights in place, and each parameter keeps one
+momentum buffer.
+
+A ``Heads`` entry: the stored 2-D parameter's ``axis`` that runs over heads is viewed as
+``shape`` (last entry ``dh``) and indexed by ``index`` (ints and slices), leaving
+``(*heads, dh, width)``. Every index of every parameter's head axis must be covered exactly
+once by the layout's factors and its ``muon`` extras (rows CM does not pair, stepped by Muon,
+e.g. the output gates of Qwen3-Next's ``q_proj``); ``Layout.check`` enforces that.
+
+Register your own with ``register_layout(name, factory)``; ``factory(hq, hkv, dh)`` returns a
+``Layout``. Example, a model storing ``[k; q; v]`` in one weight::
+
+    from cm_triton.layouts import Heads, Layout, register_layout
+
+    def kqv(hq, hkv, dh):
+        rows = (hkv + hq + hkv, dh)
+        return Layout(
+            q=Heads(0, 0, rows, (slice(hkv, hkv + hq),)),
+            k=Heads(0, 0, rows, (slice(0, hkv),)),
+            v=Heads(0, 0, rows, (slice(hkv + hq, None),)),
+            o=Heads(1, 1, (hq, dh), ()),  # out_proj's columns
+        )
+
+    register_layout("kqv_fused", kqv)
+    # then a param group: {"kind": "attention", "layout": "kqv_fused",
+    #   "params": [fused.weight, out_proj.weight], "head_dim": dh, "num_heads": hq,
+    #   "num_kv_heads": hkv}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["Heads", "Layout", "LAYOUTS", "register_layout", "get_layout", "head_views"]
+
+Index = tuple  # of int | slice
+
+
+@dataclass(frozen=True)
+class Heads:
+    """One factor's heads inside parameter ``param`` of a group (see the module docstring)."""
+
+    param: int
+    axis: int
+    shape: tuple[int, ...]
+    index: Index = ()
+
+    def view(self, w: Tensor) -> Tensor:
+        """``(..., R, C)`` stored parameter(s) -> ``(..., *heads, dh, width)``, a view."""
+        lead = w.dim() - 2
+        if self.axis == 1:
+            w = w.transpose(-1, -2)
+        w = w.unflatten(-2, self.shape)
+        return w[(slice(None),) * lead + tuple(self.index)]
+
+    def heads(self, w: Tensor) -> Tensor:
+        """``(..., R, C) -> (..., H, dh, width)``: the heads in one axis (a copy only when a
+        grouped layout's heads are not one stride apart)."""
+        v = self.view(w)
+        lead = w.dim() - 2
+        return v.reshape(*v.shape[:lead], -1, *v.shape[-2:])
+
+    def write(self, w: Tensor, value: Tensor) -> None:
+        """Write ``value (..., H, dh, width)`` into ``w``'s heads in place."""
+        v = self.view(w)
+        v.copy_(value.reshape(v.shape))
+
+    def count(self, length: int) -> int:
+        """How many heads this entry takes from an axis of ``length``."""
+        probe = torch.zeros(length).unflatten(0, self.shape)[tuple(self.index)]
+        return probe.numel() // self.shape[-1]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where q, k, v and o heads sit in a group's parameters, plus Muon-stepped extras."""
+
+    q: Heads | None = None
+    k: Heads | None = None
+    v: Heads | None = None
+    o: Heads | None = None
+    muon: tuple[Heads, ...] = field(default=())
+
+    @property
+    def pairs(self) -> tuple[str, ...]:
+        """The CM pairs this layout holds: ``"qk"`` and/or ``"ov"``."""
+        out = ()
+        if self.q is not None and self.k is not None:
+            out += ("qk",)
+        if self.v is not None and self.o is not None:
+            out += ("ov",)
+        return out
+
+    def entries(self) -> list[tuple[str, Heads]]:
+        named = [(n, getattr(self, n)) for n in ("q", "k", "v", "o")]
+        named += [(f"muon[{i}]", h) for i, h in enumerate(self.muon)]
+        return [(n, h) for n, h in named if h is not None]
+
+    def check(self, shapes: Sequence[torch.Size], name: str = "layout") -> None:
+        """Raise ValueError unless every parameter's head axis is covered exactly once."""
+        if not self.pairs:
+            raise ValueError(f"{name}: a layout needs q and k, or v and o")
+        cover = [None] * len(shapes)
+        for role, h in self.entries():
+            if not 0 <= h.param < len(shapes):
+                raise ValueError(f"{name}: {role} names parameter {h.param} of {len(shapes)}")
+            shape = shapes[h.param]
+            if len(shape) != 2 or h.axis not in (0, 1):
+                raise ValueError(f"{name}: {role} needs a 2-D parameter, got {tuple(shape)}")
+            n = shape[h.axis]
+            if cover[h.param] is None:
+                cover[h.param] = torch.zeros(n, dtype=torch.int64)
+            try:
+                cover[h.param].unflatten(0, h.shape)[tuple(h.index)] += 1
+            except (RuntimeError, IndexError) as e:
+                raise ValueError(
+                    f"{name}: {role} views axis {h.axis} of parameter {h.param} "
+                    f"({tuple(shape)}) as {h.shape}: {e}"
+                ) from None
+        for i, c in enumerate(cover):
+            if c is None:
+                raise ValueError(f"{name}: parameter {i} {tuple(shapes[i])} holds no heads")
+            if not bool((c == 1).all()):
+                what = "twice" if bool((c > 1).any()) else "by nothing"
+                raise ValueError(f"{name}: part of parameter {i}'s head axis is covered {what}")
+
+
+LayoutFactory = Callable[[int, int, int], Layout]
+LAYOUTS: dict[str, LayoutFactory] = {}
+
+
+def register_layout(name: str, factory: LayoutFactory) -> None:
+    """Make ``factory(hq, hkv, dh) -> Layout`` available to groups as ``"layout": name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"layout name must be a non-empty string, got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"layout factory for {name!r} must be callable")
+    LAYOUTS[name] = factory
+
+
+def get_layout(name: str, hq: int, hkv: int, dh: int) -> Layout:
+    """The registered layout ``name`` for ``hq`` query heads, ``hkv`` KV heads of size ``dh``."""
+    if name not in LAYOUTS:
+        raise ValueError(f"unknown attention layout {name!r}; registered: {sorted(LAYOUTS)}")
+    return LAYOUTS[name](hq, hkv, dh)
+
+
+def head_views(group: dict) -> dict[str, Tensor]:
+    """Views of one attention param group's heads: ``{"q": (Hq, dh, d), "k": ..., "v": ...,
+    "o": (Hq, dh, d) (o's column blocks, transposed)}``, writable (e.g. for gauge checks);
+    grouped layouts give ``(*heads, dh, d)`` with the head axes not yet flattened."""
+    from cm_triton.engine import group_layout  # the optimizer's own reading of a group
+
+    layout = group_layout(group)
+    return {n: h.view(group["params"][h.param].detach()) for n, h in layout.entries()}
+
+
+# -- built-in layouts -------------------------------------------------------------------
+ALL = slice(None)
+
+
+def _separate(hq: int, hkv: int, dh: int) -> Layout:
+    """``[q_w, k_w, v_w, o_w]``: four nn.Linear weights (Llama, BERT, T5, OPT, ...)."""
+    return Layout(q=Heads(0, 0, (hq, dh)), k=Heads(1, 0, (hkv, dh)), v=Heads(2, 0, (hkv, dh)),
+                  o=Heads(3, 1, (hq, dh)))  # fmt: skip
+
+
+def _qk(hq: int, hkv: int, dh: int) -> Layout:
+    return Layout(q=Heads(0, 0, (hq, dh)), k=Heads(1, 0, (hkv, dh)))
+
+
+def _ov(hq: int, hkv: int, dh: int) -> Layout:
+    return Layout(v=Heads(0, 0, (hkv, dh)), o=Heads(1, 1, (hq, dh)))
+
+
+def _blocks(axis: int, o_axis: int) -> LayoutFactory:
+    def factory(hq: int, hkv: int, dh: int) -> Layout:
+        rows = (hq + 2 * hkv, dh)
+        return Layout(
+            q=Heads(0, axis, rows, (slice(0, hq),)),
+            k=Heads(0, axis, rows, (slice(hq, hq + hkv),)),
+            v=Heads(0, axis, rows, (slice(hq + hkv, None),)),
+            o=Heads(1, o_axis, (hq, dh)),
+        )
+
+    factory.__doc__ = "``[W_qkv, o]`` with ``[q; k; v]`` blocks along the fused axis."
+    return factory
+
+
+def _interleaved(hq: int, hkv: int, dh: int) -> Layout:
+    """GPT-NeoX / Pythia ``query_key_value``: per head ``[q_h; k_h; v_h]`` (MHA only)."""
+    if hq != hkv:
+        raise ValueError(f"per-head interleaved q/k/v needs Hq == Hkv, got {hq} and {hkv}")
+    rows = (hq, 3, dh)
+    return Layout(q=Heads(0, 0, rows, (ALL, 0)), k=Heads(0, 0, rows, (ALL, 1)),
+                  v=Heads(0, 0, rows, (ALL, 2)), o=Heads(1, 1, (hq, dh)))  # fmt: skip
+
+
+def _grouped(hq: int, hkv: int, dh: int) -> Layout:
+    """Falcon's fused GQA: per KV group ``[q_g1 .. q_gG; k_g; v_g]``."""
+    g = hq // hkv
+    rows = (hkv, g + 2, dh)
+    return Layout(q=Heads(0, 0, rows, (ALL, slice(0, g))), k=Heads(0, 0, rows, (ALL, g)),
+                  v=Heads(0, 0, rows, (ALL, g + 1)), o=Heads(1, 1, (hq, dh)))  # fmt: skip
+
+
+def _gated(hq: int, hkv: int, dh: int) -> Layout:
+    """Qwen3-Next / Qwen3.5 ``q_proj``: per head ``[query_h; gate_h]``; the gate rows feed a
+    sigmoid on the attention output, not the scores: Muon steps them."""
+    rows = (hq, 2, dh)
+    return Layout(q=Heads(0, 0, rows, (ALL, 0)), k=Heads(1, 0, (hkv, dh)),
+                  v=Heads(2, 0, (hkv, dh)), o=Heads(3, 1, (hq, dh)),
+                  muon=(Heads(0, 0, rows, (ALL, 1)),))  # fmt: skip
+
+
+for _name, _factory in {
+    "qk": _qk,
+    "ov": _ov,
+    "separate": _separate,
+    "qkv_blocks": _blocks(0, 1),  # nn.MultiheadAttention in_proj, Phi-3 qkv_proj, timm qkv
+    "qkv_blocks_t": _blocks(1, 0),  # GPT-2 Conv1D: c_attn (d, 3d), c_proj (Hq*dh, d)
+    "qkv_interleaved": _interleaved,
+    "qkv_grouped": _grouped,
+    "gated_q": _gated,
+}.items():
+    register_layout(_name, _factory)

@@ -74,6 +74,7 @@ __all__ = [
     "parse_res_usage",
     "cubin_resource_usage",
     "parse_ptxas_log",
+    "dot_kinds",
     "CompileOutcome",
     "compile_with_timeout",
     "aot_compile",
@@ -329,6 +330,30 @@ def parse_ptxas_log(text: str) -> dict[str, dict[str, int]]:
             )
         if m := _PTXAS_REGS_RE.search(line):
             out[current]["regs"] = int(m.group(1))
+    return out
+
+
+_DOT_RE = re.compile(r"=\s*(ttng\.warp_group_dot|tt\.dot)\b[^\n]*?->\s*tensor<[^,>]*,\s*#(\w+)")
+
+
+def dot_kinds(ttgir: str) -> dict[str, int]:
+    """How each dot in a TTGIR module is lowered: ``{"wgmma"|"mma"|"fma"|...: count}``.
+
+    ``ttng.warp_group_dot`` is Hopper wgmma; a ``tt.dot`` whose result has an ``#mma`` layout is
+    mma.sync (tensor cores); a ``#blocked`` result is the FMA fallback (fp32 ``ieee`` dots), which
+    keeps both operands in registers. Counts dots in the IR, not executions.
+    """
+    out: dict[str, int] = {}
+    for op, layout in _DOT_RE.findall(ttgir):
+        if op == "ttng.warp_group_dot":
+            kind = "wgmma"
+        elif layout.startswith("mma"):
+            kind = "mma"
+        elif layout.startswith("blocked"):
+            kind = "fma"
+        else:
+            kind = layout
+        out[kind] = out.get(kind, 0) + 1
     return out
 
 
@@ -788,6 +813,7 @@ def _compile_launch(
         "smem_bytes": None,
         "n_regs": None,
         "n_spills": None,
+        "dots": None,
         "ptxas_log": outcome.ptxas_log,
         "artifacts": {},
     }
@@ -805,6 +831,7 @@ def _compile_launch(
             regs=usage.regs, stack_bytes=usage.stack, local_bytes=usage.local,
             smem_static_bytes=usage.shared, res_usage=usage.raw,
         )  # fmt: skip
+    rec["dots"] = dot_kinds(str(outcome.asm.get("ttgir", "")))
     rec["spill_stores_bytes"] = ptxas.get("spill_stores")
     rec["spill_loads_bytes"] = ptxas.get("spill_loads")
     if rec["regs"] is None and "regs" in ptxas:

@@ -27,7 +27,19 @@ from cm_triton.options import CMOptions
 from cm_triton.reference.muon import muon_direction, muon_shape_factor
 from cm_triton.reference.rule import pair_step
 
-__all__ = ["ATTENTION_KINDS", "CM_KEYS", "group_layout", "group_options", "check_group", "Step"]
+# How a Muon group's parameters are matrices (``"_t"``: stored (in, out), as GPT-2's Conv1D
+# and GPT-OSS's experts; Muon's shape factor uses the mathematical (out, in) shape).
+MUON_SHAPES = ("matrix", "matrix_t", "experts", "experts_t")
+
+__all__ = [
+    "ATTENTION_KINDS",
+    "CM_KEYS",
+    "MUON_SHAPES",
+    "group_layout",
+    "group_options",
+    "check_group",
+    "Step",
+]
 
 ATTENTION_KINDS = ("qk", "ov", "mha", "attention")
 CM_KEYS = (
@@ -168,7 +180,7 @@ class Step:
                 group["weight_decay"],
                 group["momentum"],
                 group["nonfinite"],
-                bool(group.get("transposed", False)),
+                group.get("shape", "matrix"),
                 tuple(sorted(gopts.items(), key=str)),
             )
             for p in group["params"]:
@@ -262,8 +274,13 @@ class Step:
         w, g, m = _stack(params), b.grads[0], _stack(bufs)
         prims = resolve_primitives(group.get("backend", "auto"), w.device)
         opts = resolve_options(group_options(group), w.device)
-        w_new, m_new = _muon_math(w, g, m, group, opts, prims, group.get("transposed", False))
-        return [(params, w_new), (bufs, m_new)]
+        shape = group.get("shape", "matrix")
+        # "matrix": one matrix (out, in * rest) per parameter (a conv weight is flattened);
+        # "experts": a 3-D parameter is a batch of matrices, one sign each.
+        mats = (lambda x: x.flatten(2)) if shape.startswith("matrix") else (lambda x: x)
+        w_new, m_new = _muon_math(mats(w), mats(g), mats(m), group, opts, prims,
+                                  shape.endswith("_t"))  # fmt: skip
+        return [(params, w_new.view(w.shape)), (bufs, m_new.view(m.shape))]
 
 
 def _muon_math(w, g, m, group, opts, prims, transposed: bool):

@@ -198,6 +198,20 @@ def _blocks(axis: int, o_axis: int) -> LayoutFactory:
     return factory
 
 
+def _q_kv(axis: int, o_axis: int) -> LayoutFactory:
+    def factory(hq: int, hkv: int, dh: int) -> Layout:
+        kv = (2 * hkv, dh)
+        return Layout(
+            q=Heads(0, axis, (hq, dh)),
+            k=Heads(1, axis, kv, (slice(0, hkv),)),
+            v=Heads(1, axis, kv, (slice(hkv, None),)),
+            o=Heads(2, o_axis, (hq, dh)),
+        )
+
+    factory.__doc__ = "``[q_w, W_kv, o]`` with ``[k; v]`` blocks in the fused weight."
+    return factory
+
+
 def _interleaved(hq: int, hkv: int, dh: int) -> Layout:
     """GPT-NeoX / Pythia ``query_key_value``: per head ``[q_h; k_h; v_h]`` (MHA only)."""
     if hq != hkv:
@@ -230,6 +244,8 @@ for _name, _factory in {
     "separate": _separate,
     "qkv_blocks": _blocks(0, 1),  # nn.MultiheadAttention in_proj, Phi-3 qkv_proj, timm qkv
     "qkv_blocks_t": _blocks(1, 0),  # GPT-2 Conv1D: c_attn (d, 3d), c_proj (Hq*dh, d)
+    "q_kv": _q_kv(0, 1),  # timm AttentionPoolLatent: q, kv, proj
+    "q_kv_t": _q_kv(1, 0),  # GPT-2 cross-attention: q_attn, c_attn (k; v), c_proj (Conv1D)
     "qkv_interleaved": _interleaved,
     "qkv_grouped": _grouped,
     "gated_q": _gated,

@@ -8,9 +8,11 @@ batches equal-shaped work across layers.
   ``head_dim``; the Q/K/V blocks are row views of the fused weight.
 - ``"attention"``: any registered layout (``cm_triton.layouts``): ``"layout"``,
   ``"head_dim"``, ``"num_heads"``, ``"num_kv_heads"``; fused weights are stepped through views.
-- ``"muon"``: other hidden matrices (3-D: a batch of matrices); Muon with the same ``msign``,
-  nesterov momentum and the shape factor ``sqrt(max(1, out/in))`` (``"transposed": True``
-  for weights stored ``(in, out)``).
+- ``"muon"``: other hidden matrices; Muon with the same ``msign``, nesterov momentum and the
+  shape factor ``sqrt(max(1, out/in))``. The group's ``"shape"`` says how its parameters are
+  matrices: ``"matrix"`` (default; conv weights flattened to ``(out, -1)``), ``"matrix_t"``
+  (stored ``(in, out)``, GPT-2's ``Conv1D``), ``"experts"`` / ``"experts_t"`` (3-D stacks,
+  one sign per expert).
 - ``"adamw"``: everything else (embeddings, output head, norms, biases).
 
 Every CM flag is a per-group option; every trainable parameter sits in exactly one group, and
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor
 
 from cm_triton import engine
-from cm_triton.engine import ATTENTION_KINDS, CM_KEYS, check_group, group_options
+from cm_triton.engine import ATTENTION_KINDS, CM_KEYS, MUON_SHAPES, check_group, group_options
 
 __all__ = ["CompositionalMuon", "KINDS", "check_cm_keys"]
 
@@ -104,9 +106,16 @@ class CompositionalMuon(torch.optim.Optimizer):
                 raise ValueError(f"{where}: holds exactly 2 weights, got {len(group['params'])}")
             check_group(group, where)
         elif kind == "muon":
+            shape = group.setdefault("shape", "matrix")
+            if shape not in MUON_SHAPES:
+                raise ValueError(f"{where}: 'shape' must be one of {MUON_SHAPES}, got {shape!r}")
             for p in group["params"]:
-                if p.dim() < 2:
-                    raise ValueError(f"{where}: Muon needs matrices, got shape {tuple(p.shape)}")
+                need = 3 if shape.startswith("experts") else 2
+                if p.dim() < 2 or (p.dim() != need and shape != "matrix"):
+                    raise ValueError(
+                        f"{where}: Muon 'shape' {shape!r} needs {need}-D parameters, got "
+                        f"{tuple(p.shape)}"
+                    )
         group_options(group)  # validates every CM flag of the group
 
     @torch.no_grad()

@@ -125,120 +125,397 @@ def _llama_like(cfg_name, model_name, **extra):
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(_llama_like("LlamaConfig", "LlamaForCausalLM"), _tokens, QK_VO * L2),
-    "mistral": Family(_llama_like("MistralConfig", "MistralForCausalLM", sliding_window=4),
-                      _tokens, QK_VO * L2),  # fmt: skip
+    "mistral": Family(
+        _llama_like("MistralConfig", "MistralForCausalLM", sliding_window=4), _tokens, QK_VO * L2
+    ),  # fmt: skip
     "qwen2": Family(_llama_like("Qwen2Config", "Qwen2ForCausalLM"), _tokens, QK_VO * L2),
     # q/k RMSNorm: eps 0 keeps the per-head scalar gauge exact (RMSNorm(a x) = sign(a) RMSNorm(x))
-    "qwen3": Family(_llama_like("Qwen3Config", "Qwen3ForCausalLM", head_dim=32, rms_norm_eps=0.0),
-                    _tokens, QK_VO * L2),  # fmt: skip
-    "gemma": Family(_llama_like("GemmaConfig", "GemmaForCausalLM", head_dim=32), _tokens,
-                    QK_VO * L2),  # fmt: skip
-    "gemma2": Family(_llama_like("Gemma2Config", "Gemma2ForCausalLM", head_dim=32,
-                                 query_pre_attn_scalar=32, sliding_window=4),
-                     _tokens, QK_VO * L2),  # fmt: skip
-    "gemma3": Family(_llama_like("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=32,
-                                 query_pre_attn_scalar=32, sliding_window=4, rms_norm_eps=0.0),
-                     _tokens, QK_VO * L2),  # fmt: skip
-    "mixtral": Family(_llama_like("MixtralConfig", "MixtralForCausalLM", num_local_experts=4,
-                                  num_experts_per_tok=2), _tokens, QK_VO * L2),  # fmt: skip
-    "gpt_oss": Family(_hf("GptOssConfig", "GptOssForCausalLM", hidden_size=64,
-                          intermediate_size=64, num_hidden_layers=2, vocab_size=V,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                          num_local_experts=4, num_experts_per_tok=2, sliding_window=4),
-                      _tokens, QK_VO * L2),  # fmt: skip
+    "qwen3": Family(
+        _llama_like("Qwen3Config", "Qwen3ForCausalLM", head_dim=32, rms_norm_eps=0.0),
+        _tokens,
+        QK_VO * L2,
+    ),  # fmt: skip
+    "gemma": Family(
+        _llama_like("GemmaConfig", "GemmaForCausalLM", head_dim=32), _tokens, QK_VO * L2
+    ),  # fmt: skip
+    "gemma2": Family(
+        _llama_like(
+            "Gemma2Config",
+            "Gemma2ForCausalLM",
+            head_dim=32,
+            query_pre_attn_scalar=32,
+            sliding_window=4,
+        ),
+        _tokens,
+        QK_VO * L2,
+    ),  # fmt: skip
+    "gemma3": Family(
+        _llama_like(
+            "Gemma3TextConfig",
+            "Gemma3ForCausalLM",
+            head_dim=32,
+            query_pre_attn_scalar=32,
+            sliding_window=4,
+            rms_norm_eps=0.0,
+        ),
+        _tokens,
+        QK_VO * L2,
+    ),  # fmt: skip
+    "mixtral": Family(
+        _llama_like(
+            "MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2
+        ),
+        _tokens,
+        QK_VO * L2,
+    ),  # fmt: skip
+    "gpt_oss": Family(
+        _hf(
+            "GptOssConfig",
+            "GptOssForCausalLM",
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            vocab_size=V,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+        ),
+        _tokens,
+        QK_VO * L2,
+    ),  # fmt: skip
     "qwen3_next": Family(
-        _hf("Qwen3NextConfig", "Qwen3NextForCausalLM", hidden_size=64, intermediate_size=128,
-            num_hidden_layers=2, vocab_size=V, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-            linear_key_head_dim=16, linear_value_head_dim=16, num_experts=4,
-            num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
-            layer_types=["linear_attention", "full_attention"], rms_norm_eps=0.0),
-        _tokens, (("attention", "gated_q"),), vo_matrix=False, unhandled=("linear_attn",),
+        _hf(
+            "Qwen3NextConfig",
+            "Qwen3NextForCausalLM",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            vocab_size=V,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            layer_types=["linear_attention", "full_attention"],
+            rms_norm_eps=0.0,
+        ),
+        _tokens,
+        (("attention", "gated_q"),),
+        vo_matrix=False,
+        unhandled=("linear_attn",),
     ),  # fmt: skip
     "qwen3_5": Family(
-        _hf("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", hidden_size=64, intermediate_size=128,
-            num_hidden_layers=2, vocab_size=V, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-            linear_key_head_dim=16, linear_value_head_dim=16,
-            layer_types=["linear_attention", "full_attention"], rms_norm_eps=0.0),
-        _tokens, (("attention", "gated_q"),), vo_matrix=False, unhandled=("linear_attn",),
+        _hf(
+            "Qwen3_5TextConfig",
+            "Qwen3_5ForCausalLM",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            vocab_size=V,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            layer_types=["linear_attention", "full_attention"],
+            rms_norm_eps=0.0,
+        ),
+        _tokens,
+        (("attention", "gated_q"),),
+        vo_matrix=False,
+        unhandled=("linear_attn",),
     ),  # fmt: skip
     "deepseek_v3": Family(
-        _hf("DeepseekV3Config", "DeepseekV3ForCausalLM", hidden_size=64, intermediate_size=128,
-            num_hidden_layers=2, vocab_size=V, num_attention_heads=4, num_key_value_heads=4,
-            q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
-            v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
-            moe_intermediate_size=32, first_k_dense_replace=1, n_group=2, topk_group=1),
-        _tokens, (), unhandled=("self_attn",),
+        _hf(
+            "DeepseekV3Config",
+            "DeepseekV3ForCausalLM",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            vocab_size=V,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            q_lora_rank=32,
+            kv_lora_rank=16,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+        ),
+        _tokens,
+        (),
+        unhandled=("self_attn",),
     ),  # fmt: skip
     "deepseek_v2": Family(
-        _hf("DeepseekV2Config", "DeepseekV2ForCausalLM", hidden_size=64, intermediate_size=128,
-            num_hidden_layers=2, vocab_size=V, num_attention_heads=4, q_lora_rank=32,
-            kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-            n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
-            moe_intermediate_size=32, first_k_dense_replace=1),
-        _tokens, (), unhandled=("self_attn",),
+        _hf(
+            "DeepseekV2Config",
+            "DeepseekV2ForCausalLM",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            vocab_size=V,
+            num_attention_heads=4,
+            q_lora_rank=32,
+            kv_lora_rank=16,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+        ),
+        _tokens,
+        (),
+        unhandled=("self_attn",),
     ),  # fmt: skip
-    "phi3": Family(_llama_like("Phi3Config", "Phi3ForCausalLM", pad_token_id=0, bos_token_id=1,
-                               eos_token_id=2), _tokens, (("attention", "qkv_blocks"),) * L2),
-    "falcon_gqa": Family(_hf("FalconConfig", "FalconForCausalLM", hidden_size=64,
-                             num_hidden_layers=2, vocab_size=V, num_attention_heads=4,
-                             num_kv_heads=2, new_decoder_architecture=True, bias=True),
-                         _tokens, (("attention", "qkv_grouped"),) * L2),  # fmt: skip
-    "falcon_mqa": Family(_hf("FalconConfig", "FalconForCausalLM", hidden_size=64,
-                             num_hidden_layers=2, vocab_size=V, num_attention_heads=4,
-                             new_decoder_architecture=False, multi_query=True, bias=True),
-                         _tokens, (("attention", "qkv_blocks"),) * L2),  # fmt: skip
-    "falcon_mha": Family(_hf("FalconConfig", "FalconForCausalLM", hidden_size=64,
-                             num_hidden_layers=2, vocab_size=V, num_attention_heads=4,
-                             new_decoder_architecture=False, multi_query=False, bias=True),
-                         _tokens, (("attention", "qkv_interleaved"),) * L2),  # fmt: skip
-    "gpt_neox": Family(_hf("GPTNeoXConfig", "GPTNeoXForCausalLM", **COMMON,
-                           num_attention_heads=4, rotary_pct=0.25),
-                       _tokens, (("attention", "qkv_interleaved"),) * L2),  # fmt: skip
-    "hf_vit": Family(_hf("ViTConfig", "ViTForImageClassification", image_size=32, patch_size=8,
-                         num_channels=3, hidden_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, intermediate_size=128, num_labels=10,
-                         qkv_bias=True), _images, QK_VO * L2, qk_matrix=True),  # fmt: skip
-    "opt": Family(_hf("OPTConfig", "OPTForCausalLM", vocab_size=V, hidden_size=64,
-                      num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
-                      max_position_embeddings=64, word_embed_proj_dim=64, enable_bias=True),
-                  _tokens, QK_VO * L2, qk_matrix=True),  # fmt: skip
-    "bart": Family(_hf("BartConfig", "BartForConditionalGeneration", vocab_size=V, d_model=64,
-                       encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                       decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-                       max_position_embeddings=64), _seq2seq, QK_VO * 6,
-                   qk_matrix=True),  # fmt: skip
-    "gptj": Family(_hf("GPTJConfig", "GPTJForCausalLM", vocab_size=V, n_positions=64, n_embd=64,
-                       n_layer=2, n_head=4, rotary_dim=8, n_inner=128, bos_token_id=0,
-                       eos_token_id=0), _tokens, QK_VO * L2),  # fmt: skip
-    "gpt2_cross": Family(_hf("GPT2Config", "GPT2LMHeadModel", vocab_size=V, n_positions=64,
-                             n_embd=64, n_layer=2, n_head=4, n_inner=128, bos_token_id=0,
-                             eos_token_id=0, add_cross_attention=True), _tokens_and_memory,
-                         (("attention", "qkv_blocks_t"),) * L2 + (("attention", "q_kv_t"),) * L2,
-                         qk_matrix=True),  # fmt: skip
-    "bert": Family(_hf("BertConfig", "BertForMaskedLM", vocab_size=V, hidden_size=64,
-                       num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                       max_position_embeddings=64, type_vocab_size=2),
-                   _tokens, QK_VO * L2, qk_matrix=True),  # fmt: skip
-    "t5": Family(_hf("T5Config", "T5ForConditionalGeneration", vocab_size=V, d_model=64, d_kv=16,
-                     d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-                     relative_attention_num_buckets=8, relative_attention_max_distance=16),
-                 _seq2seq, QK_VO * 6, qk_matrix=True),  # fmt: skip
-    "phi": Family(_hf("PhiConfig", "PhiForCausalLM", vocab_size=V, hidden_size=64,
-                      intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64,
-                      partial_rotary_factor=0.5), _tokens, QK_VO * L2),  # fmt: skip
-    "gpt2": Family(_hf("GPT2Config", "GPT2LMHeadModel", vocab_size=V, n_positions=64, n_embd=64,
-                       n_layer=2, n_head=4, n_inner=128, bos_token_id=0, eos_token_id=0),
-                   _tokens, (("attention", "qkv_blocks_t"),) * L2, qk_matrix=True),  # fmt: skip
-    "timm_vit": Family(_timm("vit_base_patch16_224", reg_tokens=1), _timm_images,
-                       (("attention", "qkv_blocks"),) * L2, qk_matrix=True),  # fmt: skip
-    "timm_vit_map": Family(_timm("vit_base_patch16_224", global_pool="map", class_token=False),
-                           _timm_images, (("attention", "qkv_blocks"),) * L2
-                           + (("attention", "q_kv"),), qk_matrix=True),  # fmt: skip
-    "nn_transformer": Family(_Seq2Seq, _seq(32), (("mha", None),) * 3 + QK_VO,
-                             qk_matrix=True),  # fmt: skip
+    "phi3": Family(
+        _llama_like(
+            "Phi3Config", "Phi3ForCausalLM", pad_token_id=0, bos_token_id=1, eos_token_id=2
+        ),
+        _tokens,
+        (("attention", "qkv_blocks"),) * L2,
+    ),
+    "falcon_gqa": Family(
+        _hf(
+            "FalconConfig",
+            "FalconForCausalLM",
+            hidden_size=64,
+            num_hidden_layers=2,
+            vocab_size=V,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            new_decoder_architecture=True,
+            bias=True,
+        ),
+        _tokens,
+        (("attention", "qkv_grouped"),) * L2,
+    ),  # fmt: skip
+    "falcon_mqa": Family(
+        _hf(
+            "FalconConfig",
+            "FalconForCausalLM",
+            hidden_size=64,
+            num_hidden_layers=2,
+            vocab_size=V,
+            num_attention_heads=4,
+            new_decoder_architecture=False,
+            multi_query=True,
+            bias=True,
+        ),
+        _tokens,
+        (("attention", "qkv_blocks"),) * L2,
+    ),  # fmt: skip
+    "falcon_mha": Family(
+        _hf(
+            "FalconConfig",
+            "FalconForCausalLM",
+            hidden_size=64,
+            num_hidden_layers=2,
+            vocab_size=V,
+            num_attention_heads=4,
+            new_decoder_architecture=False,
+            multi_query=False,
+            bias=True,
+        ),
+        _tokens,
+        (("attention", "qkv_interleaved"),) * L2,
+    ),  # fmt: skip
+    "gpt_neox": Family(
+        _hf(
+            "GPTNeoXConfig", "GPTNeoXForCausalLM", **COMMON, num_attention_heads=4, rotary_pct=0.25
+        ),
+        _tokens,
+        (("attention", "qkv_interleaved"),) * L2,
+    ),  # fmt: skip
+    "hf_vit": Family(
+        _hf(
+            "ViTConfig",
+            "ViTForImageClassification",
+            image_size=32,
+            patch_size=8,
+            num_channels=3,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            num_labels=10,
+            qkv_bias=True,
+        ),
+        _images,
+        QK_VO * L2,
+        qk_matrix=True,
+    ),  # fmt: skip
+    "opt": Family(
+        _hf(
+            "OPTConfig",
+            "OPTForCausalLM",
+            vocab_size=V,
+            hidden_size=64,
+            num_hidden_layers=2,
+            ffn_dim=128,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=64,
+            enable_bias=True,
+        ),
+        _tokens,
+        QK_VO * L2,
+        qk_matrix=True,
+    ),  # fmt: skip
+    "bart": Family(
+        _hf(
+            "BartConfig",
+            "BartForConditionalGeneration",
+            vocab_size=V,
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            max_position_embeddings=64,
+        ),
+        _seq2seq,
+        QK_VO * 6,
+        qk_matrix=True,
+    ),  # fmt: skip
+    "gptj": Family(
+        _hf(
+            "GPTJConfig",
+            "GPTJForCausalLM",
+            vocab_size=V,
+            n_positions=64,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            rotary_dim=8,
+            n_inner=128,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        _tokens,
+        QK_VO * L2,
+    ),  # fmt: skip
+    "gpt2_cross": Family(
+        _hf(
+            "GPT2Config",
+            "GPT2LMHeadModel",
+            vocab_size=V,
+            n_positions=64,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_inner=128,
+            bos_token_id=0,
+            eos_token_id=0,
+            add_cross_attention=True,
+        ),
+        _tokens_and_memory,
+        (("attention", "qkv_blocks_t"),) * L2 + (("attention", "q_kv_t"),) * L2,
+        qk_matrix=True,
+    ),  # fmt: skip
+    "bert": Family(
+        _hf(
+            "BertConfig",
+            "BertForMaskedLM",
+            vocab_size=V,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            type_vocab_size=2,
+        ),
+        _tokens,
+        QK_VO * L2,
+        qk_matrix=True,
+    ),  # fmt: skip
+    "t5": Family(
+        _hf(
+            "T5Config",
+            "T5ForConditionalGeneration",
+            vocab_size=V,
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+        ),
+        _seq2seq,
+        QK_VO * 6,
+        qk_matrix=True,
+    ),  # fmt: skip
+    "phi": Family(
+        _hf(
+            "PhiConfig",
+            "PhiForCausalLM",
+            vocab_size=V,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            partial_rotary_factor=0.5,
+        ),
+        _tokens,
+        QK_VO * L2,
+    ),  # fmt: skip
+    "gpt2": Family(
+        _hf(
+            "GPT2Config",
+            "GPT2LMHeadModel",
+            vocab_size=V,
+            n_positions=64,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_inner=128,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        _tokens,
+        (("attention", "qkv_blocks_t"),) * L2,
+        qk_matrix=True,
+    ),  # fmt: skip
+    "timm_vit": Family(
+        _timm("vit_base_patch16_224", reg_tokens=1),
+        _timm_images,
+        (("attention", "qkv_blocks"),) * L2,
+        qk_matrix=True,
+    ),  # fmt: skip
+    "timm_vit_map": Family(
+        _timm("vit_base_patch16_224", global_pool="map", class_token=False),
+        _timm_images,
+        (("attention", "qkv_blocks"),) * L2 + (("attention", "q_kv"),),
+        qk_matrix=True,
+    ),  # fmt: skip
+    "nn_transformer": Family(
+        _Seq2Seq, _seq(32), (("mha", None),) * 3 + QK_VO, qk_matrix=True
+    ),  # fmt: skip
 }
 
 
@@ -262,8 +539,10 @@ def biases(model: nn.Module) -> dict[int, torch.Tensor]:
 
 def _invertible(n: int, k: int, g: torch.Generator) -> torch.Tensor:
     """``k`` well-conditioned random ``n x n`` matrices (float64)."""
-    return torch.eye(n, dtype=torch.float64) + 0.3 * torch.randn(k, n, n, generator=g,
-                                                                  dtype=torch.float64) / n**0.5
+    return (
+        torch.eye(n, dtype=torch.float64)
+        + 0.3 * torch.randn(k, n, n, generator=g, dtype=torch.float64) / n**0.5
+    )
 
 
 def _signed_pow2(k: int, g: torch.Generator) -> torch.Tensor:

@@ -143,7 +143,8 @@ def test_factor_widths_may_differ():
     def pad(t, dim):
         return torch.cat([t, torch.zeros_like(t.narrow(dim, 0, 1))], dim)
 
-    for fn, make, idx, dim in ((cm_qk, qk_tensors, (0, 2, 4), 1), (cm_ov, ov_tensors, (1, 3, 5), 0)):
+    cases = ((cm_qk, qk_tensors, (0, 2, 4), 1), (cm_ov, ov_tensors, (1, 3, 5), 0))
+    for fn, make, idx, dim in cases:
         narrow = list(make(H, 2, DH, D, dtype=torch.float64))
         for i in idx:
             narrow[i] = narrow[i].narrow(dim, 0, D - 1).contiguous()

@@ -26,7 +26,8 @@ def _groups(model, **kw):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         groups = param_groups(model, **kw)
-    unhandled = [str(w.message) for w in caught if issubclass(w.category, UnhandledAttentionWarning)]
+    unhandled = [str(w.message) for w in caught
+                 if issubclass(w.category, UnhandledAttentionWarning)]  # fmt: skip
     return groups, unhandled
 
 

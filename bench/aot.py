@@ -393,14 +393,13 @@ def _child_compile(
             f.write(f"{what} {name} {time.perf_counter() - t0:.3f}\n")
 
     def inspect_stages(backend: Any, stages: dict, options: Any, language: Any, cap: Any) -> None:
-        mark("end", "ast->ttir")  # stages are added after the AST has been lowered to TTIR
         for name, fn in list(stages.items()):
             stages[name] = _timed_stage(name, fn, stage_s, log, mark)
 
     knobs.runtime.add_stages_inspection_hook = inspect_stages
     knobs.nvidia.dump_ptxas_log = True  # make_cubin prints ptxas -v; _timed_stage captures it
     knobs.compilation.always_compile = True
-    mark("start", "ast->ttir")
+    mark("start", "ast->ttir")  # lasts until the first lowering stage ("ttir") starts
     kernel = triton.compile(src, target=target, options=options)
     compile_s = time.perf_counter() - t0
     stage_s["ast->ttir"] = compile_s - sum(stage_s.values())
@@ -445,6 +444,8 @@ def _read_progress(progress: Path) -> tuple[dict[str, float], str | None]:
         for line in progress.read_text().splitlines():
             what, name, t = line.split()
             if what == "start":
+                if running is not None:  # a stage without an end mark ended when this began
+                    done[running] = float(t) - starts[running]
                 starts[name], running = float(t), name
             elif name in starts:
                 done[name], running = float(t) - starts[name], None

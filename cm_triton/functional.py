@@ -211,7 +211,7 @@ def cm_qk(
     ns_coefficients=POLAR_EXPRESS_8,
     ns_dtype: torch.dtype | None = None,
     ns_method: str | None = None,
-    ns_restart: int = 2,
+    ns_restart: int = 3,
     inv_root: str = "auto",
     backend: str = "auto",
 ) -> None:
@@ -250,7 +250,7 @@ def cm_ov(
     ns_coefficients=POLAR_EXPRESS_8,
     ns_dtype: torch.dtype | None = None,
     ns_method: str | None = None,
-    ns_restart: int = 2,
+    ns_restart: int = 3,
     inv_root: str = "auto",
     backend: str = "auto",
 ) -> None:

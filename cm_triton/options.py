@@ -60,7 +60,7 @@ class CMOptions:
     ns_coefficients: tuple[tuple[float, float, float], ...] = POLAR_EXPRESS_8
     ns_dtype: torch.dtype | None = None
     ns_method: str | None = None
-    ns_restart: int = 2
+    ns_restart: int = 3
     inv_root: str = "auto"
     backend: str = "auto"
 

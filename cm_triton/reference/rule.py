@@ -21,6 +21,7 @@ from cm_triton.options import CMOptions
 from cm_triton.reference import legs
 from cm_triton.reference import primitives as ref
 from cm_triton.reference.connections import connect
+from cm_triton.reference.phases import REFERENCE_PHASES, PhaseOps, fusable, gram_pair_step
 
 __all__ = [
     "Primitives",
@@ -29,6 +30,7 @@ __all__ = [
     "direction",
     "momentum_update",
     "pair_step",
+    "generic_pair_step",
 ]
 
 
@@ -37,12 +39,14 @@ class Primitives:
     """The accelerable primitives; the reference and the kernels each provide them.
 
     ``roots(p, s, damping, method) -> (r_s, r_p)`` as ``reference.partner_roots``;
-    ``whitened_sign`` as ``reference.legs.whitened_sign``; ``msign`` as ``reference.msign``.
+    ``whitened_sign`` as ``reference.legs.whitened_sign``; ``msign`` as ``reference.msign``;
+    ``phases``: the Gram-form step's phases (``reference.phases.PhaseOps``).
     """
 
     roots: Callable[..., tuple[Tensor, Tensor]]
     whitened_sign: Callable[..., tuple[Tensor, Tensor]]
     msign: Callable[..., Tensor]
+    phases: PhaseOps = REFERENCE_PHASES
 
 
 REFERENCE = Primitives(roots=ref.partner_roots, whitened_sign=legs.whitened_sign, msign=ref.msign)
@@ -197,8 +201,26 @@ def pair_step(
     """One CM step of B pairs, out of place, in spec §4.9's order.
 
     Shapes: ``p, gp, mp (B, Hq, dh, d_p); s, gs, ms (B, Hkv, dh, d_s)``, all in the compute
-    dtype. Returns ``(p', s', mp', ms')``: new weights and new momentum buffers.
+    dtype. Returns ``(p', s', mp', ms')``: new weights and new momentum buffers. A pair the
+    Gram form covers whole (``phases.fusable``) runs phase by phase; the rest generically.
     """
+    if fusable(opts, p.shape[-2], p.shape[-1], s.shape[-1]):
+        return gram_pair_step(p, s, gp, gs, mp, ms, opts, hybrid, prims.phases, prims.msign)
+    return generic_pair_step(p, s, gp, gs, mp, ms, opts, hybrid, prims)
+
+
+def generic_pair_step(
+    p: Tensor,
+    s: Tensor,
+    gp: Tensor,
+    gs: Tensor,
+    mp: Tensor,
+    ms: Tensor,
+    opts: CMOptions,
+    hybrid: bool = False,
+    prims: Primitives = REFERENCE,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``pair_step`` for every flag combination: momentum, (reprojection,) direction, update."""
     mp = momentum_update(mp, gp, opts.beta)
     ms = momentum_update(ms, gs, opts.beta)
     if opts.momentum_reproject:

@@ -649,7 +649,23 @@ def aot_compile(
 ) -> Iterator[list[dict[str, Any]]]:
     """While active, every Triton JIT launch compiles for ``target`` instead of running.
 
-    Yields the list that receives one record (a dict, see ``_make_record``) per launch.
+    Yields the list that receives one record (a dict) per launch, in launch order. Keys:
+
+    * what: ``kernel``, ``module``, ``target`` ("sm_90"), ``arch``, ``caller`` (file:line of the
+      launch), ``constexprs`` (incl. ints specialised to 1), ``signature`` (Triton types),
+      ``divisible_by_16`` (args specialised as 16-aligned), ``num_warps``, ``num_stages``,
+      ``num_ctas``, ``maxnreg``, ``launch_options`` (the launch's values of forced options);
+    * launch: ``grid`` (3-tuple), ``programs``, ``warmup``, ``cached`` (deduplicated);
+    * compile: ``status`` ("ok" | "timeout" | "error"), ``error``, ``compile_s`` (triton.compile
+      in the child), ``wall_s``, ``stage_s`` (per stage: ast->ttir, ttir, ttgir, llir, ptx,
+      cubin = ptxas), ``dots`` (see ``dot_kinds``), ``ptxas_log``, ``artifacts`` (paths);
+    * cubin: ``regs``, ``stack_bytes`` (> 0: spills), ``local_bytes``, ``spill_stores_bytes`` /
+      ``spill_loads_bytes`` (ptxas -v), ``spills`` (bool), ``smem_dynamic_bytes`` (Triton's),
+      ``smem_static_bytes`` (cubin), ``smem_bytes`` (sum), ``smem_reserved_in_static``,
+      ``res_usage`` (every cuobjdump pair), ``n_regs`` / ``n_spills`` (what Triton's
+      ``CompiledKernel`` would report after loading on a GPU: NUM_REGS, LOCAL_SIZE_BYTES / 4);
+    * occupancy (targets in ``LIMITS``): ``blocks_per_sm`` (0: does not fit), ``occupancy``,
+      ``occupancy_limiter``, ``waves`` (programs / (blocks_per_sm * SMs)).
 
     Args:
         target: ``GPUTarget``, ``("cuda", 90)`` or ``90``.
@@ -717,14 +733,16 @@ def aot_compile(
             _LAUNCH.reset(token)
 
     def bench(self: Autotuner, *args: Any, config: Any, **meta: Any) -> list[float]:
+        # Compile (and record) the config; its pre/post hooks are not run, nothing is timed.
         autotuner_caches.setdefault(id(self), (self, dict(self.cache)))
         self.fn.run(*args, **dict(meta, **config.all_kwargs()))
         return [0.0, 0.0, 0.0]
 
-    _ACTIVE.append(True)
     prev_active = _driver_config._active
     tmp_cache = None
     with contextlib.ExitStack() as stack:
+        _ACTIVE.append(True)
+        stack.callback(_ACTIVE.clear)
         stack.enter_context(knobs.runtime.scope())
         stack.enter_context(knobs.cache.scope())
         if cache_dir is None:
@@ -745,7 +763,6 @@ def aot_compile(
                 jit_fn.device_caches.pop(device_key, None)
             for tuner, cache in autotuner_caches.values():
                 tuner.cache = cache  # forget the configs "chosen" without benchmarking
-            _ACTIVE.clear()
 
 
 def _caller() -> str:

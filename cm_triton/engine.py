@@ -129,29 +129,85 @@ def _finite(stack: Tensor) -> Tensor:
     return torch.linalg.vector_norm(stack.flatten(1), math.inf, dim=1).isfinite()
 
 
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view that writes through), or ``t`` itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 @dataclass
 class _Batch:
-    """Groups (or matrices) stepped together, with their stacked gradients."""
+    """Groups (or matrices) stepped together, with their stacked (local) gradients."""
 
     key: tuple
-    members: list[Any]  # attention: param groups; muon: parameters
+    members: list[Any]  # attention: param groups; muon: (group, parameter)
     grads: list[Tensor] = field(default_factory=list)  # one (L, ...) stack per position
     finite: Tensor | None = None  # (L,) after the finite check
+
+    @property
+    def params(self) -> list[list[Tensor]]:
+        """Parameters per position: ``params[i][l]``."""
+        if self.key[0] == "attention":
+            return [list(ps) for ps in zip(*(g["params"] for g in self.members))]
+        return [[p for _, p in self.members]]
+
+
+def compute_attention(
+    layout: Layout, weights: list[Tensor], grads: list[Tensor], moms: list[Tensor],
+    group: dict, opts: CMOptions, prims,
+) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
+    """The rule on stacked parameters: ``weights[i] (L, *shape_i)`` (and grads, momentum) ->
+    new weight and momentum stacks, each pair read and written through ``layout``'s views."""
+    cdtype = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
+    new_w = [w.clone() for w in weights]
+    new_m = [m.clone() for m in moms]
+
+    def read(role: Heads, stacks: list[Tensor]) -> Tensor:
+        return role.heads(stacks[role.param]).to(cdtype)
+
+    for pair in layout.pairs:
+        pr, sr = (getattr(layout, r) for r in PAIR_ROLES[pair])
+        out = pair_step(
+            read(pr, weights), read(sr, weights), read(pr, grads), read(sr, grads),
+            read(pr, moms), read(sr, moms), opts, pair == "ov" and opts.hybrid, prims,
+        )  # fmt: skip
+        for role, stacks, value in ((pr, new_w, out[0]), (sr, new_w, out[1]),
+                                    (pr, new_m, out[2]), (sr, new_m, out[3])):  # fmt: skip
+            role.write(stacks[role.param], value)
+    for extra in layout.muon:
+        w, g, m = (extra.heads(x[extra.param]) for x in (weights, grads, moms))
+        w_new, m_new = _muon_rows(w, g, m, group, opts, prims)
+        extra.write(new_w[extra.param], w_new)
+        extra.write(new_m[extra.param], m_new)
+    return new_w, new_m
+
+
+def compute_muon(w: Tensor, g: Tensor, m: Tensor, group: dict, opts: CMOptions, prims):
+    """Muon on stacked parameters ``(L, *shape)`` -> ``(new w, new m)``, by the group's
+    ``"shape"``: ``"matrix"``: one matrix ``(out, in * rest)`` per parameter (a conv weight is
+    flattened); ``"experts"``: a 3-D parameter is a batch of matrices, one sign each."""
+    shape = group.get("shape", "matrix")
+    mats = (lambda x: x.flatten(2)) if shape.startswith("matrix") else (lambda x: x)
+    w_new, m_new = _muon_math(mats(w), mats(g), mats(m), group, opts, prims,
+                              shape.endswith("_t"))  # fmt: skip
+    return w_new.view(w.shape), m_new.view(m.shape)
 
 
 class Step:
     """One ``CompositionalMuon.step()``: gather, check, compute, write back.
 
     ``buffer(p)`` returns the momentum buffer of ``p`` (created on first use); ``state`` is
-    the optimizer's per-parameter state; ``attention_groups``, ``muon_groups`` and
-    ``adamw_groups`` are lists of param groups.
+    the optimizer's per-parameter state. With DTensor parameters (FSDP2), ``comm`` is the
+    mesh's communicator (``cm_triton.distributed``): every decision is then agreed on by all
+    ranks, and each batch is computed by a distributed plan.
     """
 
-    def __init__(self, state: dict, buffer: Callable[[Tensor], Tensor]) -> None:
+    def __init__(self, state: dict, buffer: Callable[[Tensor], Tensor], comm=None) -> None:
         self.state = state
         self.buffer = buffer
+        self.comm = comm
 
-    # attention ------------------------------------------------------------------------
+    # gathering --------------------------------------------------------------------------
     def attention_batches(self, groups: Iterable[dict]) -> list[_Batch]:
         batches: dict[tuple, _Batch] = {}
         for group in groups:
@@ -166,8 +222,7 @@ class Step:
             batches.setdefault(key, _Batch(key, [])).members.append(group)
         out = list(batches.values())
         for b in out:
-            n = len(b.members[0]["params"])
-            b.grads = [_stack([g["params"][i].grad for g in b.members]) for i in range(n)]
+            b.grads = [_stack([local(p.grad) for p in ps]) for ps in b.params]
         return out
 
     def muon_batches(self, groups: Iterable[dict]) -> list[_Batch]:
@@ -190,23 +245,27 @@ class Step:
                 batches.setdefault(key, _Batch(key, [])).members.append((group, p))
         out = list(batches.values())
         for b in out:
-            b.grads = [_stack([p.grad for _, p in b.members])]
+            b.grads = [_stack([local(p.grad) for _, p in b.members])]
         return out
 
-    @staticmethod
-    def check_finite(batches: list[_Batch]) -> bool:
-        """Fill each batch's ``finite`` flags; True when all are finite (one host sync per
-        device)."""
-        for b in batches:
-            b.finite = torch.stack([_finite(g) for g in b.grads]).all(0)
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for b in batches:
-            by_device.setdefault(b.finite.device, []).append(b.finite)
-        return all(bool(torch.cat(fs).all()) for fs in by_device.values())
+    # checks -----------------------------------------------------------------------------
+    def agree(self, flags: Tensor) -> Tensor:
+        """All ranks' logical AND of ``flags`` (a bool vector): one collective, or none."""
+        return flags if self.comm is None else self.comm.all_true(flags)
 
-    @staticmethod
-    def all_finite(tensors: list[Tensor]) -> bool:
-        return all_finite(tensors)
+    def check_finite(self, batches: list[_Batch], others: list[Tensor]) -> bool:
+        """Fill each batch's ``finite`` flags (agreed by all ranks) and return whether every
+        gradient (``others`` too) is finite: one host sync, one collective when sharded."""
+        flags = [torch.stack([_finite(g) for g in b.grads]).all(0).cpu() for b in batches]
+        flags.append(torch.tensor([all_finite([local(t) for t in others])]))
+        agreed = self.agree(torch.cat(flags))
+        for b, f in zip(batches, agreed[:-1].split([len(f) for f in flags[:-1]])):
+            b.finite = f
+        return bool(agreed.all())
+
+    def results_finite(self, values: list[Tensor]) -> bool:
+        """Whether every new value is finite, agreed by all ranks."""
+        return bool(self.agree(torch.tensor([all_finite(values)])).all())
 
     def _count_skip(self, p: Tensor) -> None:
         st = self.state[p]
@@ -225,62 +284,42 @@ class Step:
         grads = [g.index_select(0, idx) for g in b.grads]
         return _Batch(b.key, [b.members[i] for i in keep], grads)
 
+    # computing --------------------------------------------------------------------------
+    def _stacks(self, b: _Batch) -> tuple[list, list, list[Tensor], list[Tensor]]:
+        """Local weight and momentum targets per position, and their stacks."""
+        w_loc = [[local(p) for p in ps] for ps in b.params]
+        m_loc = [[local(self.buffer(p)) for p in ps] for ps in b.params]
+        return w_loc, m_loc, [_stack(x) for x in w_loc], [_stack(x) for x in m_loc]
+
     def run_attention(self, b: _Batch) -> list[tuple[list[Tensor], Tensor]]:
         """Compute one attention batch; return ``(targets, new stacked values)`` to commit."""
         b = self._keep_finite(b, lambda g: g["params"][0])
         if b is None:
             return []
         group0 = b.members[0]
-        layout = group_layout(group0)
-        n = len(group0["params"])
-        params = [[g["params"][i] for g in b.members] for i in range(n)]
-        weights = [_stack(ps) for ps in params]
-        moms = [_stack([self.buffer(p) for p in ps]) for ps in params]
+        w_loc, m_loc, weights, moms = self._stacks(b)
         opts = resolve_options(group_options(group0), weights[0].device)
         prims = resolve_primitives(opts.backend, weights[0].device)
-        cdtype = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
-        new_w = [w.clone() for w in weights]
-        new_m = [m.clone() for m in moms]
+        if self.comm is None:
+            new_w, new_m = compute_attention(group_layout(group0), weights, b.grads, moms,
+                                             group0, opts, prims)  # fmt: skip
+        else:
+            new_w, new_m = self.comm.attention(b, weights, b.grads, moms, opts, prims)
+        return list(zip(w_loc, new_w)) + list(zip(m_loc, new_m))
 
-        def read(role: Heads, stacks: list[Tensor]) -> Tensor:
-            return role.heads(stacks[role.param]).to(cdtype)
-
-        for pair in layout.pairs:
-            pr, sr = (getattr(layout, r) for r in PAIR_ROLES[pair])
-            out = pair_step(
-                read(pr, weights), read(sr, weights), read(pr, b.grads), read(sr, b.grads),
-                read(pr, moms), read(sr, moms), opts, pair == "ov" and opts.hybrid, prims,
-            )  # fmt: skip
-            for role, stacks, value in ((pr, new_w, out[0]), (sr, new_w, out[1]),
-                                        (pr, new_m, out[2]), (sr, new_m, out[3])):  # fmt: skip
-                role.write(stacks[role.param], value)
-        for extra in layout.muon:
-            w, g, m = (extra.heads(x[extra.param]) for x in (weights, b.grads, moms))
-            w_new, m_new = _muon_rows(w, g, m, group0, opts, prims)
-            extra.write(new_w[extra.param], w_new)
-            extra.write(new_m[extra.param], m_new)
-        return [(ps, w) for ps, w in zip(params, new_w)] + [
-            ([self.buffer(p) for p in ps], m) for ps, m in zip(params, new_m)
-        ]
-
-    # muon -----------------------------------------------------------------------------
     def run_muon(self, b: _Batch) -> list[tuple[list[Tensor], Tensor]]:
         b = self._keep_finite(b, lambda m: m[1])
         if b is None:
             return []
         group = b.members[0][0]
-        params = [p for _, p in b.members]
-        bufs = [self.buffer(p) for p in params]
-        w, g, m = _stack(params), b.grads[0], _stack(bufs)
+        (w_loc,), (m_loc,), (w,), (m,) = self._stacks(b)
         prims = resolve_primitives(group.get("backend", "auto"), w.device)
         opts = resolve_options(group_options(group), w.device)
-        shape = group.get("shape", "matrix")
-        # "matrix": one matrix (out, in * rest) per parameter (a conv weight is flattened);
-        # "experts": a 3-D parameter is a batch of matrices, one sign each.
-        mats = (lambda x: x.flatten(2)) if shape.startswith("matrix") else (lambda x: x)
-        w_new, m_new = _muon_math(mats(w), mats(g), mats(m), group, opts, prims,
-                                  shape.endswith("_t"))  # fmt: skip
-        return [(params, w_new.view(w.shape)), (bufs, m_new.view(m.shape))]
+        if self.comm is None:
+            w_new, m_new = compute_muon(w, b.grads[0], m, group, opts, prims)
+        else:
+            w_new, m_new = self.comm.muon(b, w, b.grads[0], m, group, opts, prims)
+        return [(w_loc, w_new), (m_loc, m_new)]
 
 
 def _muon_math(w, g, m, group, opts, prims, transposed: bool):
@@ -326,17 +365,19 @@ def adamw_step(state: dict, group: dict, params: list[Tensor]) -> None:
         by_dev[(p.device, p.dtype)].append(p)
     b1, b2 = group["betas"]
     lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-    for params in by_dev.values():
-        for p in params:
+    for dtensors in by_dev.values():
+        for p in dtensors:
             st = state[p]
             if "step" not in st:
                 st["step"] = torch.zeros((), dtype=torch.float32)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        grads = [p.grad for p in params]
-        steps = [state[p]["step"] for p in params]
-        avg = [state[p]["exp_avg"] for p in params]
-        sq = [state[p]["exp_avg_sq"] for p in params]
+                st["nonfinite_skips"] = 0
+        params = [local(p) for p in dtensors]  # AdamW is elementwise: shards step alone
+        grads = [local(p.grad) for p in dtensors]
+        steps = [state[p]["step"] for p in dtensors]
+        avg = [local(state[p]["exp_avg"]) for p in dtensors]
+        sq = [local(state[p]["exp_avg_sq"]) for p in dtensors]
         torch._foreach_add_(steps, 1)
         t = torch.stack(steps).tolist()
         torch._foreach_lerp_(avg, grads, 1 - b1)

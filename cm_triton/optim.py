@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cm_triton import engine
+from cm_triton import distributed, engine
 from cm_triton.engine import ATTENTION_KINDS, CM_KEYS, MUON_SHAPES, check_group, group_options
+from cm_triton.functional import all_finite
 
 __all__ = ["CompositionalMuon", "KINDS", "check_cm_keys"]
 
@@ -56,6 +57,12 @@ class CompositionalMuon(torch.optim.Optimizer):
         nonfinite: ``"raise"`` (default): a NaN/Inf gradient anywhere raises before anything
             moves; ``"skip"``: a group (attention) or matrix (Muon) with one is left untouched
             and counted in its first parameter's state as ``"nonfinite_skips"``.
+        process_group: the process group (or 1-D DeviceMesh) that shards the parameters;
+            read from the DTensor parameters (FSDP2) when None. Plain-tensor parameters (a
+            single process, or DDP, where every rank computes the same step) need none.
+        o_sign: with sharded parameters, how the hybrid rule's one sign over a width-sharded
+            o_w is computed: ``"gather"``, ``"sharded"`` or ``"auto"`` (a cost estimate; see
+            ``cm_triton.distributed``).
         **cm_options: defaults for CM flags (``method``, ``connection``, ``damping``,
             ``ns_method``, ...); ``beta`` is CM's momentum.
 
@@ -75,6 +82,8 @@ class CompositionalMuon(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         nonfinite: str = "raise",
+        process_group: Any = None,
+        o_sign: str = "auto",
         **cm_options: Any,
     ) -> None:
         check_cm_keys(cm_options)
@@ -91,6 +100,12 @@ class CompositionalMuon(torch.optim.Optimizer):
             adamw_lr=adamw_lr, nonfinite=nonfinite, **cm_options,
         )  # fmt: skip
         super().__init__(list(params), defaults)
+        if o_sign not in distributed.O_SIGN_STRATEGIES:
+            raise ValueError(
+                f"o_sign must be one of {distributed.O_SIGN_STRATEGIES}, got {o_sign!r}"
+            )
+        self.o_sign = o_sign
+        self.comm = process_group  # resolved to a communicator on the first step
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         kind = param_group.get("kind")
@@ -124,20 +139,25 @@ class CompositionalMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        run = engine.Step(self.state, self._buffer)
+        comm = self.comm = distributed.comm_for(self.param_groups, self.comm, self.o_sign)
+        run = engine.Step(self.state, self._buffer, comm)
+        if comm is not None:
+            comm.begin_step()
         kinds = {k: [g for g in self.param_groups if g["kind"] in k] for k in
                  (ATTENTION_KINDS, ("muon",), ("adamw",))}  # fmt: skip
         batches = run.attention_batches(kinds[ATTENTION_KINDS])
         batches += run.muon_batches(kinds[("muon",)])
         adamw = kinds[("adamw",)]
-        self._check_finite(run, batches, adamw)
+        adam_grads = [p.grad for g in adamw for p in g["params"] if p.grad is not None]
+        if not run.check_finite(batches, adam_grads):
+            self._raise_nonfinite()
         writes = []
         for b in batches:
             runner = run.run_attention if b.key[0] == "attention" else run.run_muon
             writes += runner(b)
         # Commit only a finite result: finite inputs can still give an undefined step when a
         # partner Gram is singular and nothing damps it (C^{-1} does not exist).
-        if writes and not engine.Step.all_finite([v for _, v in writes]):
+        if writes and not run.results_finite([v for _, v in writes]):
             raise FloatingPointError(
                 "CompositionalMuon produced a non-finite step, so nothing was modified: with "
                 "damping=0.0 a zero or rank-deficient partner head has no inverse root; use "
@@ -145,37 +165,39 @@ class CompositionalMuon(torch.optim.Optimizer):
             )
         engine.commit(writes)
         for group in adamw:
-            engine.adamw_step(self.state, group, self._finite_params(group))
+            engine.adamw_step(self.state, group, self._finite_params(group, run))
         return loss
 
     # -- plumbing -------------------------------------------------------------------------
-    def _check_finite(self, run: engine.Step, batches: list, adamw: list[dict]) -> None:
-        """One host sync for every gradient of the step. ``nonfinite="raise"``: raise before
-        anything moves, naming the group and parameter."""
-        adam_grads = [p.grad for g in adamw for p in g["params"] if p.grad is not None]
-        ok = run.check_finite(batches) & engine.Step.all_finite(adam_grads)
-        if ok:
-            return
+    def _raise_nonfinite(self) -> None:
+        """``nonfinite="raise"``: name the group and parameter with a non-finite gradient
+        (on this rank, or on another one), before anything has moved."""
         for i, group in enumerate(self.param_groups):
             if group["nonfinite"] != "raise":
                 continue
             names = GRAD_NAMES.get(group["kind"])
             for j, p in enumerate(group["params"]):
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                if p.grad is not None and not bool(torch.isfinite(engine.local(p.grad)).all()):
                     what = names[j] if names else f"the gradient of parameter {j}"
                     raise ValueError(
                         f"param group {i} ({group['kind']!r}): {what} {tuple(p.shape)} contains "
                         f"non-finite values (nan or inf); nothing was modified"
                     )
+        if any(g["nonfinite"] == "raise" for g in self.param_groups):
+            raise ValueError(
+                "a gradient of another rank contains non-finite values (nan or inf); nothing "
+                "was modified"
+            )
 
-    def _finite_params(self, group: dict) -> list[Tensor]:
-        """AdamW's parameters to step; "skip" mode drops (and counts) non-finite ones."""
+    def _finite_params(self, group: dict, run: engine.Step) -> list[Tensor]:
+        """AdamW's parameters to step; "skip" mode drops (and counts) non-finite ones (each
+        parameter's shard is checked on its own rank: AdamW is elementwise)."""
         params = [p for p in group["params"] if p.grad is not None]
-        if group["nonfinite"] == "raise" or engine.Step.all_finite([p.grad for p in params]):
+        if group["nonfinite"] == "raise" or all_finite([engine.local(p.grad) for p in params]):
             return params
         keep = []
         for p in params:
-            if bool(torch.isfinite(p.grad).all()):
+            if bool(torch.isfinite(engine.local(p.grad)).all()):
                 keep.append(p)
             else:
                 st = self.state[p]
@@ -184,8 +206,10 @@ class CompositionalMuon(torch.optim.Optimizer):
 
     def _buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]
-        if "momentum_buffer" not in state:
+        if "momentum_buffer" not in state:  # like p: a DTensor with p's placements on FSDP2
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["nonfinite_skips"] = 0  # every key exists from the first step (DCP loads
+            # only keys its template has)
         return state["momentum_buffer"]
 
 

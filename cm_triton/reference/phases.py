@@ -15,7 +15,7 @@ C. ``apply_update``: ``W <- (1 - eta wd) W - eta b T D``, written once.
 
 ``PhaseOps`` holds the backend's implementation of each phase; ``REFERENCE_PHASES`` is pure
 torch. Grams are sums over the width axis, so a caller whose width is sharded across ranks
-all-reduces them between phases (``reduce_p`` / ``reduce_s`` of ``gram_pair_step``).
+all-reduces them between phases (``cm_triton.distributed`` composes the same pieces).
 Shapes: big tensors ``(B, H, dh, w)`` (B pairs of a batch, H heads), small ``(B, H, dh, dh)``.
 """
 
@@ -31,10 +31,20 @@ from cm_triton.options import CMOptions
 from cm_triton.reference.legs import apply_blocks, use_gram
 from cm_triton.reference.primitives import gram_polynomial, inv_sqrt, msign
 
-__all__ = ["PhaseOps", "REFERENCE_PHASES", "fusable", "gram_pair_step"]
+__all__ = ["PhaseOps", "REFERENCE_PHASES", "fusable", "gram_pair_step", "leg_update",
+           "hybrid_update", "partner_roots_from_grams"]  # fmt: skip
 
 Reduce = Callable[[Tensor], Tensor]
 Coefficients = Sequence[tuple[float, float, float]]
+
+
+def trace(x: Tensor) -> Tensor:
+    """``(..., m, m) -> (...)``, as a product with a ones vector: a matmul evaluates each slice
+    the same way whatever the batch around it, where a strided ``sum`` picks its reduction
+    order from the whole shape (so a pair's heads on one rank match the single-process step
+    bit for bit)."""
+    ones = torch.ones(x.shape[-1], 1, dtype=x.dtype, device=x.device)
+    return (x.diagonal(dim1=-2, dim2=-1).unsqueeze(-2) @ ones)[..., 0, 0]
 
 
 def _direction(g: Tensor, m_new: Tensor, beta: float, nesterov: bool) -> Tensor:
@@ -50,18 +60,30 @@ def stream(
     return m_new, w @ w.mT, d @ d.mT
 
 
-def first_maps(s: Tensor, pre: Tensor | None, coefficients: Coefficients) -> tuple[Tensor, Tensor]:
+def _flat(x: Tensor) -> Tensor:
+    """``(..., m, m) -> (N, m, m)`` contiguous: batched products then take one path (``bmm``)
+    for every slice whatever the batch, so a subset of heads (one rank's) computes bit for bit
+    what the whole batch does."""
+    return x.reshape(-1, *x.shape[-2:]).contiguous()
+
+
+def first_maps(
+    s: Tensor, pre: Tensor | None, coefficients: Coefficients
+) -> tuple[Tensor, Tensor]:
     """Phase B1: ``s = D D^T``, ``pre`` (or None: identity), both ``(..., dh, dh)`` ->
     ``(T_r, R_r)``: ``T_r D`` is the iterate after ``coefficients`` steps (msign's
     normalisation folded in) and ``R_r`` its Gram as the polynomial predicts it."""
-    r = s if pre is None else pre @ s @ pre.mT
+    shape = s.shape
+    s3 = _flat(s)
+    pre3 = None if pre is None else _flat(pre)
+    r = s3 if pre3 is None else torch.bmm(torch.bmm(pre3, s3), pre3.mT)
     # nu = ||pre D||_F 1.01 + 1e-7 = sqrt(tr(pre S pre^T)) 1.01 + 1e-7: msign's normalisation
-    nu = (r.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt() * 1.01 + 1e-7)[..., None, None]
-    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
-    t = (eye if pre is None else pre) / nu
+    nu = (trace(r).clamp_min(0).sqrt() * 1.01 + 1e-7)[:, None, None]
+    eye = torch.eye(shape[-1], dtype=s.dtype, device=s.device)
+    t = (eye if pre3 is None else pre3) / nu
     r = r / (nu * nu)
     q, r = gram_polynomial(r, coefficients)
-    return q @ t, r
+    return torch.bmm(q, t.expand_as(q).contiguous()).view(shape), r.view(shape)
 
 
 def restart_gram(t: Tensor, g: Tensor, m_new: Tensor, beta: float, nesterov: bool) -> Tensor:
@@ -74,11 +96,12 @@ def last_maps(
     r: Tensor, t: Tensor, post: Tensor | None, coefficients: Coefficients
 ) -> tuple[Tensor, Tensor]:
     """Phase B2: remaining steps on ``R`` -> ``(T = post Q T_r, ||msign||^2 per head)``."""
-    q, r_final = gram_polynomial(r, coefficients)
-    t = q @ t
+    shape = t.shape
+    q, r_final = gram_polynomial(_flat(r), coefficients)
+    t = torch.bmm(q, _flat(t))
     if post is not None:
-        t = post @ t
-    return t, r_final.diagonal(dim1=-2, dim2=-1).sum(-1)
+        t = torch.bmm(_flat(post), t)
+    return t.view(shape), trace(r_final).view(shape[:-2])
 
 
 def apply_update(
@@ -137,67 +160,83 @@ def _roots(a_p: Tensor, a_s: Tensor, g: int, opts: CMOptions, ops: PhaseOps) -> 
         return sc[0][..., None, None] * eye, sc[1][..., None, None] * eye
     both = ops.inv_sqrt(_eye_damped(torch.cat([a_s, a_pg], 1), opts.damping), opts.inv_root,
                         floor=opts.damping)  # fmt: skip
-    return both[:, :hkv], both[:, hkv:]
+    return both[:, :hkv].contiguous(), both[:, hkv:].contiguous()
+
+
+def partner_roots_from_grams(a_p: Tensor, a_s: Tensor, opts: CMOptions, ops: PhaseOps):
+    """``(root_p (B, Hq, dh, dh), root_s (B, Hkv, dh, dh))`` from full per-head Grams: each P
+    head's whitening root (its KV group's partner S) and each S head's (its group of P)."""
+    if opts.whitening == "none":
+        return None, None
+    g = a_p.shape[1] // a_s.shape[1]
+    r_s, r_p = _roots(a_p, a_s, g, opts, ops)
+    return r_s.repeat_interleave(g, dim=1), r_p
+
+
+def leg_update(
+    w: Tensor, gr: Tensor, m_new: Tensor, s_gram: Tensor, root: Tensor | None,
+    opts: CMOptions, ops: PhaseOps = REFERENCE_PHASES, reduce: Reduce | None = None,
+) -> Tensor:  # fmt: skip
+    """Phases B1, A2, B2 and C of per-head legs: ``W <- decay W - eta b post msign(pre D)``.
+
+    Shapes: ``w, gr, m_new (B, H, dh, n)``; ``s_gram = D D^T`` and ``root (B, H, dh, dh)``.
+    ``reduce``: applied to the restart's Gram (a sum over the width).
+    """
+    pre = root if opts.whitening in ("both", "pre") else None
+    post = root if opts.whitening in ("both", "post") else None
+    first, rest = opts.ns_coefficients[: opts.ns_restart], opts.ns_coefficients[opts.ns_restart :]
+    t, r = ops.first_maps(s_gram, pre, first)
+    if first:
+        r = ops.restart_gram(t, gr, m_new, opts.beta, opts.nesterov)
+        r = r if reduce is None else reduce(r)
+    t, u_sq = ops.last_maps(r, t, post, rest)
+    step = opts.eta * opts.budget
+    if opts.per_mat_renorm:  # ||Delta_h||^2 = tr(T S T^T): no pass over Delta needed
+        step = step * _renorm_factor(_tst(t, s_gram), u_sq)
+    decay = 1.0 - opts.eta * opts.weight_decay
+    return ops.apply_update(w, t, gr, m_new, opts.beta, opts.nesterov, decay, step)
+
+
+def hybrid_update(
+    w: Tensor, gr: Tensor, m_new: Tensor, root: Tensor | None, opts: CMOptions,
+    sign: Callable[[Tensor], Tensor],
+) -> Tensor:  # fmt: skip
+    """The hybrid O leg (spec §4.2): one Newton-Schulz ``sign`` over all heads of each batch
+    entry, whitened per head. Shapes: ``w, gr, m_new (B, Hq, dh, n)``, ``root (B, Hq, dh, dh)``;
+    ``sign: (B, Hq*dh, n) -> (B, Hq*dh, n)``."""
+    b, hq, dh, _ = w.shape
+    x = _direction(gr, m_new, opts.beta, opts.nesterov).reshape(b, hq * dh, -1)
+    pre = opts.whitening in ("both", "pre") and root is not None
+    post = opts.whitening in ("both", "post") and root is not None
+    u = sign(apply_blocks(root, x) if pre else x)
+    delta = (apply_blocks(root, u) if post else u).view(w.shape)
+    step = opts.eta * opts.budget
+    if opts.per_mat_renorm:
+        u_sq = u.square().unflatten(-2, (hq, -1)).sum((-2, -1))
+        delta = delta * _renorm_factor(delta.square().sum((-3, -2, -1)), u_sq)
+    return (1.0 - opts.eta * opts.weight_decay) * w - step * delta
 
 
 def gram_pair_step(
     p: Tensor, s: Tensor, gp: Tensor, gs: Tensor, mp: Tensor, ms: Tensor, opts: CMOptions,
     hybrid: bool = False, ops: PhaseOps = REFERENCE_PHASES, msign_fn=msign,
-    reduce_p: Reduce | None = None, reduce_s: Reduce | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """``reference.rule.pair_step`` for a ``fusable`` pair, phase by phase.
 
     Shapes as ``pair_step``: ``p, gp, mp (B, Hq, dh, w_p); s, gs, ms (B, Hkv, dh, w_s)``.
-    ``reduce_p`` / ``reduce_s``: applied to every Gram of that factor (a sum over its width,
-    e.g. an all-reduce when the width is sharded); identity when None.
     """
-    b, hq, dh, _ = p.shape
-    hkv = s.shape[1]
-    g = hq // hkv
-    red_p = reduce_p or (lambda x: x)
-    red_s = reduce_s or (lambda x: x)
-    beta, nest = opts.beta, opts.nesterov
-    mp_new, a_p, s_p = ops.stream(p, gp, mp, beta, nest)
-    ms_new, a_s, s_s = ops.stream(s, gs, ms, beta, nest)
-    a_p, s_p = red_p(a_p), red_p(s_p)
-    a_s, s_s = red_s(a_s), red_s(s_s)
-    pre = opts.whitening in ("both", "pre")
-    post = opts.whitening in ("both", "post")
-    if opts.whitening == "none":
-        root_p = root_s = None
-    else:
-        r_s, r_p = _roots(a_p, a_s, g, opts, ops)
-        root_p, root_s = r_s.repeat_interleave(g, dim=1), r_p
-    first, rest = opts.ns_coefficients[: opts.ns_restart], opts.ns_coefficients[opts.ns_restart :]
+    mp_new, a_p, s_p = ops.stream(p, gp, mp, opts.beta, opts.nesterov)
+    ms_new, a_s, s_s = ops.stream(s, gs, ms, opts.beta, opts.nesterov)
+    root_p, root_s = partner_roots_from_grams(a_p, a_s, opts, ops)
+    s_new = leg_update(s, gs, ms_new, s_s, root_s, opts, ops)
+    if hybrid:  # one Newton-Schulz sign over every P head (the whole o_w)
 
-    def leg_map(w, gr, m_new, s_gram, root, red):
-        t, r = ops.first_maps(s_gram, root if pre else None, first)
-        if first:
-            r = red(ops.restart_gram(t, gr, m_new, beta, nest))
-        return ops.last_maps(r, t, root if post else None, rest)
+        def sign(x: Tensor) -> Tensor:
+            return msign_fn(x, opts.ns_coefficients, opts.ns_dtype, "ns", 0)
 
-    decay = 1.0 - opts.eta * opts.weight_decay
-    step = opts.eta * opts.budget
-    t_s, u_s = leg_map(s, gs, ms_new, s_s, root_s, red_s)
-    if hybrid:  # one Newton-Schulz sign over every P head (the whole o_w): spec §4.2
-        x = _direction(gp, mp_new, beta, nest).reshape(b, hq * dh, -1)
-        wx = apply_blocks(root_p, x) if pre else x
-        u = msign_fn(wx, opts.ns_coefficients, opts.ns_dtype, "ns", 0)
-        u_p = u.square().unflatten(-2, (hq, -1)).sum((-2, -1))
-        delta_p = (apply_blocks(root_p, u) if post else u).view(p.shape)
-        if opts.per_mat_renorm:
-            delta_p = delta_p * _renorm_factor(delta_p.square().sum((-3, -2, -1)), u_p)
-        p_new = decay * p - step * delta_p
+        p_new = hybrid_update(p, gp, mp_new, root_p, opts, sign)
     else:
-        t_p, u_p = leg_map(p, gp, mp_new, s_p, root_p, red_p)
-        step_p = step
-        if opts.per_mat_renorm:  # ||Delta_h||^2 = tr(T S T^T): no pass over Delta needed
-            step_p = step * _renorm_factor(_tst(t_p, s_p), u_p)
-        p_new = ops.apply_update(p, t_p, gp, mp_new, beta, nest, decay, step_p)
-    step_s = step
-    if opts.per_mat_renorm:
-        step_s = step * _renorm_factor(_tst(t_s, s_s), u_s)
-    s_new = ops.apply_update(s, t_s, gs, ms_new, beta, nest, decay, step_s)
+        p_new = leg_update(p, gp, mp_new, s_p, root_p, opts, ops)
     return p_new, s_new, mp_new, ms_new
 
 

@@ -144,34 +144,50 @@ CASES = {
     # finite check, the OV Gram all_reduce, the result check; one all_gather (O sign); an
     # all_to_all pair per Muon shape (fc1, fc2).
     "gqa_aligned": (
-        {"hq": 8, "hkv": 4}, {}, {}, LOCAL_QK,
+        {"hq": 8, "hkv": 4},
+        {},
+        {},
+        LOCAL_QK,
         {"all_reduce": 3, "all_gather": 1, "all_to_all": 4},
         {"qk_local": 1, "ov_sharded": 1, "o_sign_gather": 1, "muon_owner": 2},
     ),
     "mha_per_head_o": (  # hybrid=False: the O legs' Gram restart is a second all_reduce
-        {"hq": 4, "hkv": 4}, {"hybrid": False}, {}, LOCAL_QK,
+        {"hq": 4, "hkv": 4},
+        {"hybrid": False},
+        {},
+        LOCAL_QK,
         {"all_reduce": 4, "all_to_all": 4},
         {"qk_local": 1, "ov_sharded": 1, "muon_owner": 2},
     ),
     "o_sign_sharded": (  # Newton-Schulz on the sharded width: its norm + 8 Grams all-reduced
-        {"hq": 8, "hkv": 4, "dh": 4}, {}, {"o_sign": "sharded"}, LOCAL_QK,
+        {"hq": 8, "hkv": 4, "dh": 4},
+        {},
+        {"o_sign": "sharded"},
+        LOCAL_QK,
         {"all_reduce": 12, "all_to_all": 4},
         {"qk_local": 1, "ov_sharded": 1, "o_sign_sharded": 1, "muon_owner": 2},
     ),
     "joint_and_connection": (  # QK stays local; OV with a connection is gathered
-        {"hq": 8, "hkv": 4}, {"method": "joint", "connection": "frobenius"}, {},
+        {"hq": 8, "hkv": 4},
+        {"method": "joint", "connection": "frobenius"},
+        {},
         LOCAL_QK + ("v_proj", "o_proj"),
         {"all_reduce": 2, "all_gather": 1, "all_to_all": 4},
         {"qk_local": 1, "gather": 1, "muon_owner": 2},
     ),
     "renorm_gathered": (  # per_mat_renorm needs norms over every head: both pairs gathered
-        {"hq": 8, "hkv": 4}, {"per_mat_renorm": True}, {},
+        {"hq": 8, "hkv": 4},
+        {"per_mat_renorm": True},
+        {},
         LOCAL_QK + ("v_proj", "o_proj"),
         {"all_reduce": 2, "all_gather": 2, "all_to_all": 4},
         {"gather": 2, "muon_owner": 2},
     ),
     "fused_mha": (  # nn.MultiheadAttention's in_proj: gathered (bit for bit)
-        {"hq": 8, "hkv": 4, "mha": True}, {}, {}, LOCAL_QK + ("mha",),
+        {"hq": 8, "hkv": 4, "mha": True},
+        {},
+        {},
+        LOCAL_QK + ("mha",),
         {"all_reduce": 3, "all_gather": 2, "all_to_all": 4},
         {"qk_local": 1, "ov_sharded": 1, "o_sign_gather": 1, "gather": 1, "muon_owner": 2},
     ),
@@ -190,8 +206,12 @@ def test_unaligned_heads_fall_back_to_gathering():
     # Hkv = 2 over 4 ranks: a KV head is split across ranks; both pairs are gathered, and the
     # step is the single-process one bit for bit.
     results = get_pool(4).run(case_fsdp_step, {"hq": 4, "hkv": 2}, {}, {})
-    _check(results, LOCAL_QK + ("v_proj", "o_proj"),
-           {"all_reduce": 2, "all_gather": 2, "all_to_all": 4}, {"gather": 2, "muon_owner": 2})
+    _check(
+        results,
+        LOCAL_QK + ("v_proj", "o_proj"),
+        {"all_reduce": 2, "all_gather": 2, "all_to_all": 4},
+        {"gather": 2, "muon_owner": 2},
+    )
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -282,9 +302,8 @@ def case_dcp_save(path: str):
     model_sd, optim_sd = get_state_dict(sharded, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
     full = {n: p.full_tensor() for n, p in sharded.named_parameters()}
-    moms = {n: opt.state[p]["momentum_buffer"].full_tensor()
-            for n, p in sharded.named_parameters() if "momentum_buffer" in opt.state[p]}  # fmt: skip
-    return full, moms
+    named = [(n, opt.state[p].get("momentum_buffer")) for n, p in sharded.named_parameters()]
+    return full, {n: m.full_tensor() for n, m in named if m is not None}
 
 
 def case_dcp_load(path: str):
@@ -308,8 +327,8 @@ def case_dcp_load(path: str):
         return t.full_tensor() if hasattr(t, "full_tensor") else t
 
     params = {n: full(p).clone() for n, p in model.named_parameters()}
-    moms = {n: full(opt.state[p]["momentum_buffer"]).clone()
-            for n, p in model.named_parameters() if "momentum_buffer" in opt.state[p]}  # fmt: skip
+    named = [(n, opt.state[p].get("momentum_buffer")) for n, p in model.named_parameters()]
+    moms = {n: full(m).clone() for n, m in named if m is not None}
     keys = [(g["kind"], g.get("head_dim"), g.get("connection")) for g in opt.param_groups]
     for p in model.parameters():  # continue: one more step from the loaded state
         p.grad = torch.ones_like(p)

@@ -67,9 +67,7 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, *x.shape[-2:]).contiguous()
 
 
-def first_maps(
-    s: Tensor, pre: Tensor | None, coefficients: Coefficients
-) -> tuple[Tensor, Tensor]:
+def first_maps(s: Tensor, pre: Tensor | None, coefficients: Coefficients) -> tuple[Tensor, Tensor]:
     """Phase B1: ``s = D D^T``, ``pre`` (or None: identity), both ``(..., dh, dh)`` ->
     ``(T_r, R_r)``: ``T_r D`` is the iterate after ``coefficients`` steps (msign's
     normalisation folded in) and ``R_r`` its Gram as the polynomial predicts it."""

@@ -29,6 +29,7 @@ agreed by an all_reduce first, so no rank ever waits in a collective another ran
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from typing import Any
@@ -144,23 +145,32 @@ class Comm:
         self.rank = dist.get_rank(group)
         self.o_sign = o_sign
         self.counts: Counter = Counter()  # the last step's collectives, by kind
+        self.sent: Counter = Counter()  # bytes this rank sent in them (ring algorithms)
         self.plans: Counter = Counter()  # the last step's plans, by name
+        self._next_owner = 0  # Muon: the owner of the next matrix
 
     def begin_step(self) -> None:
         self.counts = Counter()
+        self.sent = Counter()
         self.plans = Counter()
+        self._next_owner = 0
+
+    def _record(self, kind: str, nbytes: float) -> None:
+        self.counts[kind] += 1
+        self.sent[kind] += nbytes
 
     # -- collectives ------------------------------------------------------------------------
     def all_reduce(self, t: Tensor) -> Tensor:
         """Sum over ranks, in place; returns ``t``."""
-        self.counts["all_reduce"] += 1
+        w = self.world
+        self._record("all_reduce", 2 * (w - 1) / w * t.numel() * t.element_size())
         dist.all_reduce(t, group=self.group)
         return t
 
     def all_true(self, flags: Tensor) -> Tensor:
         """Logical AND over ranks of a bool vector."""
         x = flags.to(torch.int32)
-        self.counts["all_reduce"] += 1
+        self._record("all_reduce", 2 * (self.world - 1) / self.world * x.numel() * 4)
         dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.group)
         return x.bool()
 
@@ -168,14 +178,15 @@ class Comm:
         """``(W, *t.shape)``: every rank's ``t`` (equal shapes)."""
         flat = t.contiguous().flatten()
         out = flat.new_empty(self.world * flat.numel())
-        self.counts["all_gather"] += 1
+        self._record("all_gather", (self.world - 1) * flat.numel() * flat.element_size())
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         gather(out, flat, group=self.group)
         return out.view(self.world, *t.shape)
 
     def all_to_all(self, send: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
         out = send.new_empty(sum(recv_splits))
-        self.counts["all_to_all"] += 1
+        mine = send_splits[self.rank]
+        self._record("all_to_all", (send.numel() - mine) * send.element_size())
         dist.all_to_all_single(out, send, recv_splits, send_splits, group=self.group)
         return out
 
@@ -222,13 +233,24 @@ class Comm:
             self.plans["ov_sharded"] += 1
             return self._ov_sharded(dh, params, weights, grads, moms, opts, prims)
         self.plans["gather"] += 1
-        full = self.gather_rows([*weights, *grads, *moms], params * 3)
         n = len(params)
-        new_w, new_m = compute_attention(layout, full[:n], full[n : 2 * n], full[2 * n :],
-                                         group0, opts, prims)  # fmt: skip
-        return [self._own_rows(x, p) for x, p in zip(new_w, params)], [
-            self._own_rows(x, p) for x, p in zip(new_m, params)
-        ]
+        if opts.momentum_reproject or layout.muon:  # these read the whole momentum
+            full = self.gather_rows([*weights, *grads, *moms], params * 3)
+            new_w, new_m = compute_attention(layout, full[:n], full[n : 2 * n], full[2 * n :],
+                                             group0, opts, prims)  # fmt: skip
+            return [self._own_rows(x, p) for x, p in zip(new_w, params)], [
+                self._own_rows(x, p) for x, p in zip(new_m, params)
+            ]
+        # The momentum update is elementwise: done here on the shards, and only the weights and
+        # the direction are gathered. The rule then sees the direction as a gradient with zero
+        # momentum and beta 0: m = 0 * 0 + D = D exactly, so its arithmetic is unchanged.
+        new_m = [opts.beta * m + g for m, g in zip(moms, grads)]
+        dirs = [g + opts.beta * m if opts.nesterov else m for g, m in zip(grads, new_m)]
+        full = self.gather_rows([*weights, *dirs], params * 2)
+        plain = dataclasses.replace(opts, beta=0.0, nesterov=False)
+        zeros = [torch.zeros_like(x) for x in full[n:]]
+        new_w, _ = compute_attention(layout, full[:n], full[n:], zeros, group0, plain, prims)
+        return [self._own_rows(x, p) for x, p in zip(new_w, params)], new_m
 
     def _own_rows(self, full: Tensor, p: Tensor) -> Tensor:
         start, stop, _ = _rows(p, self.world, self.rank)
@@ -332,7 +354,9 @@ class Comm:
         n, k = params[0].shape[0], update.shape[-1]
         start, stop, chunk = _rows(params[0], self.world, self.rank)
         rows = [_rows(params[0], self.world, r) for r in range(self.world)]
-        owner = [i % self.world for i in range(len(params))]
+        # Owners rotate over the step's batches, so a model's matrices spread over all ranks.
+        owner = [(self._next_owner + i) % self.world for i in range(len(params))]
+        self._next_owner += len(params)
         mine = [i for i, o in enumerate(owner) if o == self.rank]
         cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
         padded = torch.nn.functional.pad(update.to(cdt), (0, 0, 0, chunk - (stop - start)))

@@ -4,10 +4,11 @@ operator table of whole steps (the profile behind ``bench/results/cpu_step.md``)
     python bench/profile_step.py                 # the three CPU shapes of test_bench_step.py
     python bench/profile_step.py --shape 8 64 512 --ops
 
-Components (MHA, one attention layer, reference backend, default options):
-the QK signs (Q and K heads in one batched call), the V head signs, the hybrid sign of the
-whole ``o_w`` (``d x H*dh``), and the two pairs' partner roots (each pair's two roots in one
-batched coupled Newton iteration). Medians of ``--repeat`` calls, in ms.
+Components (MHA, one attention layer, reference backend, fp32): a per-head leg of q/k/v heads
+in Gram form (one dh x dh map) and as Newton-Schulz iterations; the hybrid sign of the whole
+``o_w`` (``d x H*dh``, iterations); the two pairs' partner roots by eigh (the CPU default),
+the quintic and the release's Newton schedule; then whole steps: CM by default, CM with the
+release's evaluation, and Muon (fp32). Medians of ``--repeat`` calls, in ms.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_bench_step import CPU_SHAPES, _cm_runner, _muon_runner  # noqa: E402
+from test_bench_step import LAYER_SHAPES, RELEASE, _cm_layer, _muon_layer  # noqa: E402
 
 from cm_triton.reference import msign, partner_roots  # noqa: E402
+from cm_triton.reference.legs import whitened_sign  # noqa: E402
+from cm_triton.schedules import POLAR_EXPRESS_8  # noqa: E402
 
 
 def median_ms(fn, repeat: int) -> float:
@@ -40,25 +43,34 @@ def median_ms(fn, repeat: int) -> float:
 
 def components(h: int, dh: int, d: int, repeat: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
-    heads = [torch.randn(h, dh, d, generator=g) for _ in range(4)]  # Q, K, V, O^T blocks
-    o_whole = torch.randn(1, d, h * dh, generator=g)
+    heads = [torch.randn(1, h, dh, d, generator=g) / d**0.5 for _ in range(4)]  # Q K V O^T
+    o_whole = torch.randn(1, h * dh, d, generator=g)
+    d3 = heads[0][0]
+    root = partner_roots(heads[0], heads[1], 1e-2, "eigh")[0][0][:, None]
     row = {}
-    for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        for name, x in (("QK signs", torch.cat(heads[:2])), ("V signs", heads[2]),
-                        ("whole-o sign", o_whole)):  # fmt: skip
-            row[f"{name} {label}"] = median_ms(partial(msign, x, dtype=dtype), repeat)
-    row["partner roots (2 pairs)"] = 2 * median_ms(
-        lambda: partner_roots(heads[0], heads[1], 1e-2, "newton", heads[0], heads[1]), repeat
+    for how in ("gram", "ns"):
+        row[f"q heads, {how}"] = median_ms(
+            partial(whitened_sign, d3, root, root, POLAR_EXPRESS_8, how, 3), repeat
+        )
+    row["whole-o sign (ns)"] = median_ms(partial(msign, o_whole), repeat)
+    for method in ("eigh", "quintic", "newton"):
+        row[f"roots of 2 pairs, {method}"] = 2 * median_ms(
+            partial(partner_roots, heads[0], heads[1], 1e-2, method), repeat
+        )
+    row["CM step"] = median_ms(_cm_layer(h, dh, d, "cpu", torch.float32), repeat)
+    row["CM step, release"] = median_ms(
+        _cm_layer(h, dh, d, "cpu", torch.float32, **RELEASE), repeat
     )
-    row["CM step"] = median_ms(_cm_runner(h, dh, d, "cpu", torch.float32, "reference"), repeat)
-    row["torch.optim.Muon step"] = median_ms(_muon_runner(h, dh, d, "cpu", torch.float32), repeat)
+    row["Muon step (fp32)"] = median_ms(
+        _muon_layer(h, dh, d, "cpu", torch.float32, torch_muon=False), repeat
+    )
     return row
 
 
 def op_table(h: int, dh: int, d: int, steps: int = 5) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    step = _cm_runner(h, dh, d, "cpu", torch.float32, "reference")
+    step = _cm_layer(h, dh, d, "cpu", torch.float32)
     step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
@@ -72,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--ops", action="store_true", help="also print torch.profiler's op table")
     args = p.parse_args(argv)
-    shapes = [tuple(args.shape)] if args.shape else CPU_SHAPES
+    shapes = [tuple(args.shape)] if args.shape else LAYER_SHAPES[:2]
     rows = {shape: components(*shape, args.repeat) for shape in shapes}
     names = list(next(iter(rows.values())))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians in ms\n")

@@ -12,6 +12,7 @@ from cm_triton.options import CMOptions
 from cm_triton.reference.rule import REFERENCE, Primitives
 
 __all__ = [
+    "use_kernel",
     "DEVICE_DEFAULTS",
     "triton_available",
     "interpreting",
@@ -21,17 +22,20 @@ __all__ = [
 ]
 
 # Defaults per device type, each from a measurement or a labelled estimate:
-# - cpu: ns_method "gram" (fp32, one restart): 0.3-0.5x the time of "ns" per leg and a lower
-#   error against float64 (bench/results/accuracy.md, bench/results/cpu_step.md);
-#   inv_root "eigh": 4-7x faster than either matmul iteration on the CPU, within spec §2's
-#   bound (bench/results/inv_root.md).
-# - cuda: the same accuracy argument for "gram" (the arithmetic is device-independent); the
-#   speed side is the cost model's estimate (bench/cost_model.py), not a GPU measurement.
-#   inv_root "quintic": matmul-only, one batched launch per iteration step, where cuSOLVER's
-#   eigh loops over the batch for head dims above 32 (an estimate, not measured).
-#   ns_dtype bf16 for the Newton-Schulz signs that remain (the hybrid O sign, as cuBLAS runs it).
+# - ns_method "gram" (fp32, restart after 3 steps): error against float64 at the level of fp32
+#   Newton-Schulz iterations (worst 6e-5 vs 7.5e-5 over Gaussian .. condition 1e6 and
+#   rank-deficient (8, 128, 2048) slices) at 0.3-0.45x their CPU time
+#   (bench/results/accuracy.md). On CUDA the same arithmetic gives the same accuracy; the speed
+#   side there is the cost model's estimate (bench/results/cost_model.md), not a measurement.
+# - inv_root "quintic": as accurate as the release's 25-step Newton in 7 steps (2.7x fewer
+#   products); on this 2-core CPU the whole step is the same with eigh (46.1 vs 45.7 ms at
+#   (8, 64, 512), 286 vs 288 ms at (16, 64, 1024)), and eigh loses accuracy beyond condition
+#   1e4 (bench/results/inv_root.md); on CUDA matmul-only beats cuSOLVER's per-matrix eigh
+#   loop for head dims above 32 (an estimate, not measured).
+# - ns_dtype: bf16 on CUDA for the Newton-Schulz signs that remain (the hybrid O sign, as
+#   cuBLAS runs it), the compute dtype elsewhere.
 DEVICE_DEFAULTS = {
-    "cpu": {"ns_method": "gram", "inv_root": "eigh", "ns_dtype": None},
+    "cpu": {"ns_method": "gram", "inv_root": "quintic", "ns_dtype": None},
     "cuda": {"ns_method": "gram", "inv_root": "quintic", "ns_dtype": torch.bfloat16},
 }
 
@@ -68,6 +72,17 @@ def resolve_primitives(backend: str, device: torch.device) -> Primitives:
     from cm_triton.kernels import KERNELS
 
     return KERNELS
+
+
+def use_kernel(phase: str, b: int, h: int, dh: int, n: int, device: torch.device) -> bool:
+    """Whether a Gram-form phase (``cost_model.PHASES``) of ``B x H`` heads of ``dh x n`` runs
+    as its fused kernel or as torch ops. CUDA: the cost model's estimate (until a GPU
+    measurement replaces it); elsewhere (the interpreter) always the kernel."""
+    if device.type != "cuda":
+        return True
+    from cm_triton.cost_model import gpu_for, prefer_kernel
+
+    return prefer_kernel(phase, b, h, dh, n, gpu_for(torch.cuda.get_device_capability(device)))
 
 
 def _defaults(device: torch.device) -> dict:

@@ -11,7 +11,6 @@ batched sign (3-D parameters are batches of matrices); AdamW runs on ``torch._fo
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -123,10 +122,15 @@ def _stack(ts: list[Tensor]) -> Tensor:
     return torch.stack(ts)
 
 
-def _finite(stack: Tensor) -> Tensor:
-    """``(L, ...) -> (L,)``: True where every entry is finite (max-abs propagates NaN/Inf and
-    never overflows)."""
-    return torch.linalg.vector_norm(stack.flatten(1), math.inf, dim=1).isfinite()
+def _quick_finite(stack: Tensor) -> Tensor:
+    """``(L, ...) -> (L,)``: True where a finite 2-norm proves every entry finite (NaN and Inf
+    propagate through it; ~20x cheaper than a max-abs pass on the CPU). False may also be an
+    overflow of finite entries: ``_exact_finite`` settles those."""
+    return torch.linalg.vector_norm(stack.flatten(1), 2, dim=1).isfinite()
+
+
+def _exact_finite(stack: Tensor) -> Tensor:
+    return torch.isfinite(stack).flatten(1).all(1)
 
 
 def local(t: Tensor) -> Tensor:
@@ -256,8 +260,11 @@ class Step:
     def check_finite(self, batches: list[_Batch], others: list[Tensor]) -> bool:
         """Fill each batch's ``finite`` flags (agreed by all ranks) and return whether every
         gradient (``others`` too) is finite: one host sync, one collective when sharded."""
-        flags = [torch.stack([_finite(g) for g in b.grads]).all(0).cpu() for b in batches]
-        flags.append(torch.tensor([all_finite([local(t) for t in others])]))
+        flags = [torch.stack([_quick_finite(g) for g in b.grads]).all(0) for b in batches]
+        quick = [f.cpu() for f in flags]  # one sync per device in the common case
+        if not all(bool(f.all()) for f in quick):
+            quick = [torch.stack([_exact_finite(g) for g in b.grads]).all(0).cpu() for b in batches]
+        flags = quick + [torch.tensor([all_finite([local(t) for t in others])])]
         agreed = self.agree(torch.cat(flags))
         for b, f in zip(batches, agreed[:-1].split([len(f) for f in flags[:-1]])):
             b.finite = f

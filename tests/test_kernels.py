@@ -3,12 +3,11 @@
 On CPU these run through Triton's interpreter (conftest sets TRITON_INTERPRET=1), so CI runs
 every kernel. On a CUDA machine run with TRITON_INTERPRET=0 to test the compiled kernels.
 
-Tolerances. fp32: both sides do the same fp32 arithmetic in a different summation order
-(u = 6e-8). The Newton-Schulz msign (8 steps) and the coupled inverse root (25 steps, each
-three dh x dh products) amplify that by the partner's condition number (10-100 for these
-random blocks); measured worst relative difference: 3e-6 for the primitives and 1.4e-5 for a
-whole cm_qk/cm_ov step over all 1920 flag combinations. FP32_RTOL = 1e-4 keeps ~7x margin; a
-formula difference is O(1). bf16 iterations: see BF16_NS_RTOL in test_primitives.py.
+Tolerances. The kernels and the reference evaluate the same fp32 formulas in a different order
+(row blocks, K chunks, partial Grams summed per chunk; tf32x3 dots on a GPU, ~fp32 accurate),
+u = 6e-8. The Gram iteration (8 steps of three dh x dh products) and the inverse root amplify
+that by the partner's condition (10-100 for these random blocks): measured worst 3e-6 per
+phase and ~1e-5 for a whole step. FP32_RTOL = 1e-4 keeps the margin; a formula slip is O(1).
 """
 
 from __future__ import annotations
@@ -16,12 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import clones, flag_id, flag_product, ov_tensors, qk_tensors
-from test_primitives import BF16_NS_RTOL
 
-from cm_triton import MUON_CLASSIC_5, POLAR_EXPRESS_8, cm_ov, cm_qk
+from cm_triton import cm_ov, cm_qk
 from cm_triton.dispatch import resolve_primitives, triton_available
-from cm_triton.functional import col_heads_t, row_heads
-from cm_triton.reference import primitives as ref
+from cm_triton.reference import phases as ref
+from cm_triton.schedules import POLAR_EXPRESS_8
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
@@ -30,104 +28,87 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative Frobenius difference per leading slice, the worst one."""
-    a, b = a.double(), b.double()
+    """Relative Frobenius difference, the worst over leading slices."""
+    a, b = a.double().flatten(0, -3), b.double().flatten(0, -3)
     num = (a - b).flatten(1).norm(dim=1)
     return (num / b.flatten(1).norm(dim=1).clamp_min(1e-30)).max().item()
 
 
 @pytest.fixture(scope="module")
-def kernels():
-    from cm_triton import kernels
+def kp():
+    from cm_triton.kernels import phases
 
-    return kernels
-
-
-LAYOUTS = ["rows", "cols", "tall"]
+    return phases
 
 
-def _slices(layout, h, dh, d, dtype):
-    """Head slices as cm_triton passes them: row blocks, transposed column blocks of an o
-    weight (strided, no copy), or tall slices (iterated on their transpose)."""
+def _heads(layout: str, b: int, h: int, dh: int, n: int, dtype=torch.float32, seed=0):
+    """Heads as the engine passes them: row blocks (q/k/v) or transposed column blocks (o)."""
+    g = torch.Generator().manual_seed(seed)
     if layout == "rows":
-        return row_heads(torch.randn(h * dh, d, device=DEVICE).to(dtype), dh)
-    if layout == "cols":
-        return col_heads_t(torch.randn(d, h * dh, device=DEVICE).to(dtype), dh)
-    return row_heads(torch.randn(h * dh, d, device=DEVICE).to(dtype), dh).mT
+        x = torch.randn(b, h * dh, n, generator=g).unflatten(1, (h, dh))
+    else:
+        x = torch.randn(b, n, h * dh, generator=g).unflatten(2, (h, dh)).permute(0, 2, 3, 1)
+    return x.to(DEVICE, dtype)
 
 
-@pytest.mark.parametrize("dh", [16, 32, 64, 128])
-@pytest.mark.parametrize("d", [37, 200])  # neither a multiple of the column tile
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_msign_kernel_matches_reference_fp32(kernels, dh, d, layout):
-    x = _slices(layout, 3, dh, d, torch.float32)
-    assert _rel(kernels.msign(x), ref.msign(x)) < FP32_RTOL
+def _spd_root(a: torch.Tensor) -> torch.Tensor:
+    return ref.inv_sqrt(a + torch.eye(a.shape[-1], device=a.device), "eigh")
 
 
-@pytest.mark.parametrize("schedule", [POLAR_EXPRESS_8, MUON_CLASSIC_5], ids=["pe8", "muon5"])
-def test_msign_kernel_any_schedule(kernels, schedule):
-    x = _slices("rows", 2, 32, 70, torch.float32)
-    assert _rel(kernels.msign(x, schedule), ref.msign(x, schedule)) < FP32_RTOL
-
-
-@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("dh", [16, 64, 128])
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_msign_kernel_bf16_iterations(kernels, in_dtype, dh, layout):
-    # bf16 rounding points differ between the kernel (fp32 accumulation, one rounding per
-    # fused expression) and torch (a rounding after every op), so both are held to the derived
-    # bf16 bound against the fp32 iteration, and to each other.
-    x = _slices(layout, 2, dh, 150, in_dtype)
-    exact = ref.msign(x)
-    got = kernels.msign(x, dtype=torch.bfloat16)
-    assert got.dtype == torch.float32
-    assert _rel(got, exact) < BF16_NS_RTOL
-    assert _rel(got, ref.msign(x, dtype=torch.bfloat16)) < BF16_NS_RTOL
-
-
-def test_msign_kernel_leaves_input_untouched(kernels):
-    x = _slices("cols", 2, 16, 40, torch.float32)
-    before = x.clone()
-    kernels.msign(x)
-    assert torch.equal(x, before)
-
-
-def test_msign_kernel_falls_back_for_large_and_fp64_slices(kernels):
-    # Short side > 128 (the hybrid O sign over a whole matrix) and fp64 use the reference.
-    big = torch.randn(1, 160, 170, device=DEVICE)
-    assert torch.equal(kernels.msign(big), ref.msign(big))
-    f64 = torch.randn(2, 8, 20, dtype=torch.float64, device=DEVICE)
-    assert torch.equal(kernels.msign(f64), ref.msign(f64))
-
-
-@pytest.mark.parametrize("dh", [8, 16, 32, 64, 128])
-@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("dh", [8, 16, 32])
 @pytest.mark.parametrize("layout", ["rows", "cols"])
-@pytest.mark.parametrize("damping", [0.0, 1e-2])
-def test_gram_inv_sqrt_kernel_matches_reference(kernels, dh, group, layout, damping):
-    d = 3 * dh + 5  # full-rank Grams even at damping 0, and d not a multiple of the tile
-    w = _slices(layout, 2 * group, dh, d, torch.float32)
-    dmat = _slices(layout, 2 * 2, dh, d, torch.float32)  # two heads per root
-    root, white = kernels.gram_inv_sqrt(w, damping, group, apply_to=dmat)
-    root_r, white_r = ref.gram_inv_sqrt(w, damping, group, apply_to=dmat)
-    assert _rel(root, root_r) < FP32_RTOL
-    assert _rel(white, white_r) < FP32_RTOL
-    root_only, none = kernels.gram_inv_sqrt(w, damping, group)
-    assert none is None and _rel(root_only, root_r) < FP32_RTOL
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_streaming_phases_match_the_reference(kp, dh, layout, nesterov):
+    n = 3 * dh + 5  # not a multiple of any tile
+    w, g, m = (_heads(layout, 2, 3, dh, n, seed=s) for s in range(3))
+    got, want = kp.stream(w, g, m, 0.9, nesterov), ref.stream(w, g, m, 0.9, nesterov)
+    assert torch.equal(got[0], want[0])  # the momentum: the same two fp32 operations
+    for a, b in zip(got[1:], want[1:]):
+        assert _rel(a, b) < FP32_RTOL
+    t = _spd_root(want[1])
+    assert _rel(kp.restart_gram(t, g, want[0], 0.9, nesterov),
+                ref.restart_gram(t, g, want[0], 0.9, nesterov)) < FP32_RTOL  # fmt: skip
+    step = torch.tensor([0.1, 0.2], device=DEVICE).view(2, 1, 1, 1)
+    got = kp.apply_update(w, t, g, want[0], 0.9, nesterov, 0.99, step)
+    assert _rel(got - 0.99 * w, ref.apply_update(w, t, g, want[0], 0.9, nesterov, 0.99, step)
+                - 0.99 * w) < FP32_RTOL  # fmt: skip
 
 
-def test_gram_inv_sqrt_kernel_bf16_weights(kernels):
-    # bf16 weights are read and accumulated in fp32: same input values, fp32 arithmetic.
-    w = _slices("rows", 4, 32, 90, torch.bfloat16)
-    assert _rel(kernels.gram_inv_sqrt(w, 1e-2, 2)[0], ref.gram_inv_sqrt(w.float(), 1e-2, 2)[0]) < (
-        FP32_RTOL
-    )
+def test_streaming_phases_read_bf16_weights(kp):
+    # bf16 inputs are read and accumulated in fp32: the same values as upcasting first.
+    w, g, m = (_heads("cols", 2, 2, 16, 40, torch.bfloat16, seed=s) for s in range(3))
+    got = kp.stream(w, g, m, 0.95, False)
+    want = ref.stream(w.float(), g.float(), m.float(), 0.95, False)
+    for a, b in zip(got, want):
+        assert _rel(a, b) < FP32_RTOL
 
 
-def test_gram_inv_sqrt_kernel_falls_back_for_eigh(kernels):
-    w = _slices("rows", 2, 16, 40, torch.float32)
-    got = kernels.gram_inv_sqrt(w, 1e-2, 1, "eigh")[0]
-    assert torch.equal(got, ref.gram_inv_sqrt(w, 1e-2, 1, "eigh")[0])
+@pytest.mark.parametrize("dh", [8, 16, 32])
+@pytest.mark.parametrize("with_root", [False, True])
+def test_dh_algebra_matches_the_reference(kp, dh, with_root):
+    w = _heads("rows", 2, 3, dh, 3 * dh)
+    s = w @ w.mT
+    root = _spd_root(s) if with_root else None
+    first, rest = POLAR_EXPRESS_8[:3], POLAR_EXPRESS_8[3:]
+    for a, b in zip(kp.first_maps(s, root, first), ref.first_maps(s, root, first)):
+        assert _rel(a, b) < FP32_RTOL
+    t, r = ref.first_maps(s, root, first)
+    got, want = kp.last_maps(r, t, root, rest), ref.last_maps(r, t, root, rest)
+    assert _rel(got[0], want[0]) < FP32_RTOL
+    torch.testing.assert_close(got[1], want[1], rtol=FP32_RTOL, atol=0)
+    a = s + 0.1 * torch.eye(dh, device=DEVICE)
+    assert _rel(kp.inv_sqrt(a, "quintic"), ref.inv_sqrt(a, "quintic")) < FP32_RTOL
+
+
+def test_kernels_hand_what_they_do_not_cover_to_the_reference(kp):
+    a = torch.randn(2, 4, 4, dtype=torch.float64)
+    a = a @ a.mT + torch.eye(4, dtype=torch.float64)
+    assert torch.equal(kp.inv_sqrt(a, "quintic"), ref.inv_sqrt(a, "quintic"))  # float64
+    b = a.float()
+    assert torch.equal(kp.inv_sqrt(b, "eigh"), ref.inv_sqrt(b, "eigh"))  # eigh: cuSOLVER
+    big = torch.randn(1, 1, 160, 400, device=DEVICE)  # dh > 128
+    assert all(torch.equal(x, y) for x, y in zip(kp.stream(big, big, big, 0.9, False),
+                                                  ref.stream(big, big, big, 0.9, False)))  # fmt: skip
 
 
 def test_triton_backend_uses_the_kernels():
@@ -169,20 +150,18 @@ def test_cm_ov_triton_matches_reference_every_flag(shape, flags):
     _compare_step(cm_ov, ov_tensors, shape, flags)
 
 
-@pytest.mark.parametrize("flags", [{}, {"method": "joint"}, {"hybrid": False}], ids=str)
-def test_bf16_iterations_match_reference(flags):
-    # fp32 weights, bf16 Newton-Schulz on both sides: the steps agree to the bf16 NS bound.
+@pytest.mark.parametrize("extra", [{"inv_root": "quintic"}, {"nesterov": True},
+                                   {"ns_restart": 0}, {"weight_decay": 0.1}], ids=str)  # fmt: skip
+def test_the_fused_pipeline_with_other_options(extra):
     shape = (4, 2, 32, 70)
-    extra = dict(ns_dtype=torch.bfloat16)
-    _compare_step(cm_ov, ov_tensors, shape, flags, rtol=BF16_NS_RTOL, **extra)
-    qk_flags = {k: v for k, v in flags.items() if k != "hybrid"}
-    _compare_step(cm_qk, qk_tensors, shape, qk_flags, rtol=BF16_NS_RTOL, **extra)
+    _compare_step(cm_qk, qk_tensors, shape, {}, **extra)
+    _compare_step(cm_ov, ov_tensors, shape, {"hybrid": False}, **extra)
 
 
 def test_bf16_weights_match_reference():
     # bf16 weights: the step (eta b |Delta| ~ 0.05 x 0.2) is below one bf16 ulp of an O(1)
     # weight, so compare the weights themselves: each side rounds once (<= 2^-8 relative each,
-    # rtol 2^-7), and the fp32 results before rounding differ by < 1e-4 of the step (fp32 kernels).
+    # rtol 2^-7), and the fp32 results before rounding differ by < 1e-4 of the step.
     for fn, make in ((cm_qk, qk_tensors), (cm_ov, ov_tensors)):
         ts = make(4, 2, 32, 70, dtype=torch.bfloat16, device=DEVICE)
         got, want = clones(ts), clones(ts)
@@ -191,3 +170,14 @@ def test_bf16_weights_match_reference():
         for g, w in zip(got, want):
             assert g.dtype == torch.bfloat16
             torch.testing.assert_close(g.float(), w.float(), rtol=2**-7, atol=2**-14)
+
+
+def test_the_cost_model_picks_kernels_for_many_heads_and_torch_for_few_big_ones():
+    # dispatch.use_kernel on CUDA follows these estimates (deterministic arithmetic).
+    from cm_triton.cost_model import GPUS, estimate, prefer_kernel
+
+    h100 = GPUS["H100"]
+    assert prefer_kernel("maps", 32, 32, 128, 0, h100)  # 1024 heads: one launch beats 37 x 5
+    assert not prefer_kernel("maps", 1, 16, 128, 0, h100)  # 16 programs on 132 SMs
+    kernel, torch_ = estimate("stream", 32, 32, 128, 4096, h100)
+    assert kernel.launches == 1 and torch_.launches == 4 and kernel.bytes < torch_.bytes

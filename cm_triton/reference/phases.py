@@ -107,7 +107,14 @@ def apply_update(
     decay: float, step: Tensor | float,
 ) -> Tensor:  # fmt: skip
     """Phase C: ``W <- decay W - step T D`` (``step`` a float or ``(B, 1, 1, 1)``)."""
-    return decay * w - step * (t @ _direction(g, m_new, beta, nesterov))
+    d = _direction(g, m_new, beta, nesterov)
+    if isinstance(step, Tensor):
+        return decay * w - step * (t @ d)
+    # One fused product-and-update: beta W + alpha T D, batched over every head.
+    r, n = w.shape[-2:]
+    out = torch.baddbmm(w.reshape(-1, r, n), _flat(t), d.reshape(-1, r, n), beta=decay,
+                        alpha=-step)  # fmt: skip
+    return out.view(w.shape)
 
 
 @dataclass(frozen=True)

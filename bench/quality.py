@@ -37,11 +37,12 @@ import torch
 
 from cm_triton import demo
 
-OPTIMIZERS = ("cm", "cm-isotropic", "muon", "adamw")
+OPTIMIZERS = demo.OPTIMIZERS
 # Matrix lr grids, factor-2 steps around the demo's defaults (bench/results/demo_lr_sweep.md).
 GRIDS = {
     "cm": (0.01, 0.02, 0.04),
     "cm-isotropic": (0.01, 0.02, 0.04),
+    "cm-release": (0.01, 0.02, 0.04),
     "muon": (0.01, 0.02, 0.04),
     "adamw": (1.5e-3, 3e-3, 6e-3),
 }
@@ -229,7 +230,8 @@ def device_name() -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
+    p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS,
+                   default=[n for n in OPTIMIZERS if n != "cm-release"])  # fmt: skip
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

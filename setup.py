@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="cm_triton",
-    version="0.1.0",
+    version="0.2.0",
     description="Compositional Muon (CM) for transformer attention, with fused Triton kernels",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -16,6 +16,8 @@ setup(
         "triton": ["triton>=3.1"],
         # numpy<2.4: Triton 3.6's interpreter (TRITON_INTERPRET=1, used by the kernel tests) calls
         # int() on size-1 arrays, which NumPy 2.4 turned into an error.
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.6", "numpy<2.4"],
+        # transformers and timm: tiny models of real families, built from configs (no download).
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.6", "numpy<2.4",
+                 "transformers>=5", "timm>=1"],
     },
 )

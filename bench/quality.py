@@ -134,7 +134,7 @@ def report(meta: dict, sweep: list[dict], summary: dict) -> str:
     stats = summary["stats"]
     width = max(sum(r["optimizer"] == n for r in sweep) for n in grid_names)
     lines = [
-        "# Training quality: CM vs CM isotropic vs Muon vs AdamW (demo model)",
+        "# Training quality: " + " vs ".join(grid_names) + " (demo model)",
         "",
         f"- Date: {meta['date']}; device: {meta['device']}",
         f"- Versions: Python {meta['python']}, torch {meta['torch']}",
@@ -151,7 +151,7 @@ def report(meta: dict, sweep: list[dict], summary: dict) -> str:
         f"## 1. Learning-rate sweep (seed {meta['sweep_seed']}, final validation loss)",
         "",
         "The matrix lr (AdamW's lr for `adamw`); embeddings, head and norms use AdamW at "
-        f"{demo.ADAMW_LR} in the other three. Grids step by factors of 2; where the best rate "
+        f"{demo.ADAMW_LR} for the others. Grids step by factors of 2; where the best rate "
         f"was at an edge, the grid was extended by one more rate (up to {meta['max_extend']} "
         "times). Best per optimizer in bold.",
         "",
@@ -180,7 +180,7 @@ def report(meta: dict, sweep: list[dict], summary: dict) -> str:
     lines += ["", "Std is the sample standard deviation over seeds.", ""]
     lines += ["## 3. Paired differences (same seed: same initial weights, same batches)", ""]
     for a, b in (("cm", "muon"), ("cm-isotropic", "muon"), ("cm", "cm-isotropic"),
-                 ("cm", "adamw")):  # fmt: skip
+                 ("cm", "adamw"), ("cm", "cm-release")):  # fmt: skip
         pd = paired(stats, a, b)
         if pd is not None:
             diffs, m, sd = pd

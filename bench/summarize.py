@@ -13,7 +13,7 @@ import sys
 def table(data: dict, base_impl: str = "muon_fp32") -> str:
     rows: dict[str, dict[str, float]] = {}
     for b in data["benchmarks"]:
-        impl = b["name"].split("[")[1].split("-")[0]
+        impl = b["name"].split("[")[1].rstrip("]").split("-")[0]
         rows.setdefault(b["group"], {})[impl] = b["stats"]["median"]
     impls = list(dict.fromkeys(i for r in rows.values() for i in r))
     others = [i for i in impls if i != base_impl]

@@ -19,7 +19,7 @@ import torch
 from baselines import MuonFP32
 from torch import nn
 
-from cm_triton import CompositionalMuon, cm_ov, cm_qk, param_groups
+from cm_triton import MUON_CLASSIC_5, CompositionalMuon, cm_ov, cm_qk, param_groups
 from cm_triton.dispatch import triton_available
 
 LAYER_SHAPES = [(8, 64, 512), (16, 64, 1024), (16, 128, 2048)]  # (H, dh, d), MHA
@@ -148,8 +148,20 @@ def _muon_model(device, dtype):
     return step
 
 
+def _cm_model_muon5():
+    """CompositionalMuon whose Muon groups use torch.optim.Muon's 5-step schedule: isolates
+    what CM costs over the Muon it replaces, at an equal Muon schedule."""
+    model = _model_with_grads("cpu", torch.float32)
+    groups = param_groups(model)
+    for g in groups:
+        if g["kind"] == "muon":
+            g["ns_coefficients"] = MUON_CLASSIC_5
+    return CompositionalMuon(groups, lr=1e-3).step
+
+
 MODEL_IMPLS = {
     "cm": lambda: _cm_model("cpu", torch.float32),
+    "cm_muon5": _cm_model_muon5,
     "cm_release": lambda: _cm_model("cpu", torch.float32, **RELEASE),
     "cm_muon_only": lambda: _cm_muon_only(),
     "muon_fp32": lambda: _muon_model("cpu", torch.float32),

@@ -4,9 +4,9 @@ from cm_triton.discovery import param_groups
 from cm_triton.functional import cm_ov, cm_qk
 from cm_triton.optim import CompositionalMuon
 from cm_triton.options import CMOptions
-from cm_triton.schedules import INV_SQRT_NEWTON, MUON_CLASSIC_5, POLAR_EXPRESS_8
+from cm_triton.schedules import INV_SQRT_NEWTON, INV_SQRT_QUINTIC, MUON_CLASSIC_5, POLAR_EXPRESS_8
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "cm_qk",
@@ -17,5 +17,6 @@ __all__ = [
     "POLAR_EXPRESS_8",
     "MUON_CLASSIC_5",
     "INV_SQRT_NEWTON",
+    "INV_SQRT_QUINTIC",
     "__version__",
 ]

@@ -30,7 +30,7 @@ __all__ = [
 # - inv_root "quintic": as accurate as the release's 25-step Newton in 7 steps (2.7x fewer
 #   products); on this 2-core CPU the whole step is the same with eigh (46.1 vs 45.7 ms at
 #   (8, 64, 512), 286 vs 288 ms at (16, 64, 1024)), and eigh loses accuracy beyond condition
-#   1e4 (bench/results/inv_root.md); on CUDA matmul-only beats cuSOLVER's per-matrix eigh
+#   1e4 (bench/results/accuracy.md); on CUDA matmul-only beats cuSOLVER's per-matrix eigh
 #   loop for head dims above 32 (an estimate, not measured).
 # - ns_dtype: bf16 on CUDA for the Newton-Schulz signs that remain (the hybrid O sign, as
 #   cuBLAS runs it), the compute dtype elsewhere.

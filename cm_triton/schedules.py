@@ -38,7 +38,7 @@ INV_SQRT_NEWTON: tuple[tuple[float, float], ...] = (
 # (designed for singular values in [1e-3, 1]) followed by one classic quintic step (cubic
 # convergence to 1) reach the 25-step schedule's accuracy in 7 steps: 28 products, not 75.
 # Measured (fp32, n = 16..128, condition 1e2..1e6): ||Z A Z - I||_rms equal to the 25-step
-# schedule's to within rounding (bench/results/inv_root.md).
+# schedule's to within rounding (bench/results/accuracy.md).
 INV_SQRT_QUINTIC: tuple[tuple[float, float, float], ...] = POLAR_EXPRESS_8[:6] + (
     (1.875, -1.25, 0.375),
 )

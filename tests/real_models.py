@@ -6,6 +6,7 @@ Shared by ``tests/test_real_models.py`` and ``bench/model_survey.py``.
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,29 @@ from torch import nn
 
 from cm_triton.engine import group_layout
 from cm_triton.layouts import head_views
+
+
+def _torchvision_importable_beside_cpu_torch() -> None:
+    """PyPI's torchvision wheels are CUDA builds: beside the CPU torch wheel their compiled ops
+    cannot load, and ``import torchvision`` then fails registering fake kernels for two of them
+    (``operator torchvision::nms does not exist``). transformers and timm import torchvision,
+    and these tests use none of its ops: defining the two schemas lets the Python part import.
+    Any call of those ops would still fail loudly (no kernel)."""
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 - present when torchvision's ops loaded
+        return
+    except (AttributeError, RuntimeError):
+        pass
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _torchvision_importable_beside_cpu_torch.lib = lib  # keep the definitions alive
+
+
+_torchvision_importable_beside_cpu_torch()
+
 
 V = 100  # vocabulary of the tiny language models
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=V)
@@ -115,6 +139,11 @@ class _Seq2Seq(nn.Module):
 
 
 QK_VO = (("qk", None), ("ov", None))
+# Qwen3-Next / Qwen3.5: a linear-attention layer, then a gated full-attention one.
+QWEN_HYBRID = dict(COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                   linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"],
+                   rms_norm_eps=0.0)  # fmt: skip
 L2 = 2  # layers of every tiny model
 
 
@@ -190,23 +219,11 @@ FAMILIES: dict[str, Family] = {
         _hf(
             "Qwen3NextConfig",
             "Qwen3NextForCausalLM",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            vocab_size=V,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            linear_num_key_heads=2,
-            linear_num_value_heads=4,
-            linear_key_head_dim=16,
-            linear_value_head_dim=16,
+            **QWEN_HYBRID,
             num_experts=4,
             num_experts_per_tok=2,
             moe_intermediate_size=32,
             shared_expert_intermediate_size=32,
-            layer_types=["linear_attention", "full_attention"],
-            rms_norm_eps=0.0,
         ),
         _tokens,
         (("attention", "gated_q"),),
@@ -214,23 +231,7 @@ FAMILIES: dict[str, Family] = {
         unhandled=("linear_attn",),
     ),  # fmt: skip
     "qwen3_5": Family(
-        _hf(
-            "Qwen3_5TextConfig",
-            "Qwen3_5ForCausalLM",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            vocab_size=V,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            linear_num_key_heads=2,
-            linear_num_value_heads=4,
-            linear_key_head_dim=16,
-            linear_value_head_dim=16,
-            layer_types=["linear_attention", "full_attention"],
-            rms_norm_eps=0.0,
-        ),
+        _hf("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", **QWEN_HYBRID),
         _tokens,
         (("attention", "gated_q"),),
         vo_matrix=False,

@@ -76,23 +76,28 @@ def _direction(g, m_new, beta, NESTEROV: tl.constexpr):
 
 
 @triton.jit
+def _program(C, H, CHUNK, N):
+    """This program's head ``(b, h)``, its flat index ``bh``, its chunk ``c`` of the width and
+    the chunk's columns ``[start, stop)``: the grid is ``B * H * C`` programs."""
+    pid = tl.program_id(0)
+    c = pid % C
+    bh = pid // C
+    start = c * CHUNK
+    return bh // H, bh % H, bh, c, start, tl.minimum(start + CHUNK, N)
+
+
+@triton.jit
 def _stream_kernel(
     w_ptr, g_ptr, m_ptr, mo_ptr, gram_ptr, beta, H, R, N, C, CHUNK,
     swb, swh, swr, swn, sgb, sgh, sgr, sgn, smb, smh, smr, smn, sob, soh, sor, son,
     NESTEROV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
     which = tl.program_id(1)  # 0: the partner Gram W W^T; 1: momentum and D D^T
-    c = pid % C
-    bh = pid // C
-    b = bh // H
-    h = bh % H
+    b, h, bh, c, start, stop = _program(C, H, CHUNK, N)
     rows = tl.arange(0, BLOCK_R)
     rmask = rows < R
     acc = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
-    start = c * CHUNK
-    stop = tl.minimum(start + CHUNK, N)
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         mask = rmask[:, None] & (cols < stop)[None, :]
@@ -109,7 +114,7 @@ def _stream_kernel(
             tl.store(out, m_new.to(mo_ptr.dtype.element_ty), mask=mask)
             x = _direction(g, m_new, beta, NESTEROV)
         acc += tl.dot(x, tl.trans(x), input_precision=PRECISION)
-    base = gram_ptr + (((which * (tl.num_programs(0) // C) + bh) * C + c) * BLOCK_R * BLOCK_R)
+    base = gram_ptr + ((which * (tl.num_programs(0) // C) + bh) * C + c) * BLOCK_R * BLOCK_R
     tl.store(base + rows[:, None] * BLOCK_R + rows[None, :], acc)
 
 
@@ -174,15 +179,9 @@ def _restart_kernel(
     NESTEROV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    c = pid % C
-    bh = pid // C
-    b = bh // H
-    h = bh % H
+    b, h, bh, c, start, stop = _program(C, H, CHUNK, N)
     rows = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
-    start = c * CHUNK
-    stop = tl.minimum(start + CHUNK, N)
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         x = _tile_apply(t_ptr, g_ptr, m_ptr, b, h, cols, cols < stop, beta, R, stb, sth,
@@ -229,16 +228,10 @@ def _apply_kernel(
     NESTEROV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    c = pid % C
-    bh = pid // C
-    b = bh // H
-    h = bh % H
+    b, h, bh, c, start, stop = _program(C, H, CHUNK, N)
     rows = tl.arange(0, BLOCK_R)
     rmask = rows < R
     step = tl.load(step_ptr + b)
-    start = c * CHUNK
-    stop = tl.minimum(start + CHUNK, N)
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < stop

@@ -17,7 +17,14 @@ setup(
         # numpy<2.4: Triton 3.6's interpreter (TRITON_INTERPRET=1, used by the kernel tests) calls
         # int() on size-1 arrays, which NumPy 2.4 turned into an error.
         # transformers and timm: tiny models of real families, built from configs (no download).
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.6", "numpy<2.4",
-                 "transformers>=5", "timm>=1"],
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "hypothesis>=6",
+            "ruff>=0.6",
+            "numpy<2.4",
+            "transformers>=5",
+            "timm>=1",
+        ],
     },
 )

@@ -75,7 +75,6 @@ class Found:
 
     kind: str  # "qk" + "ov" (two groups), "mha", or "attention" (one group with a layout)
     params: list[nn.Parameter]
-    names: list[str]
     head_dim: int
     num_heads: int
     num_kv_heads: int
@@ -102,9 +101,6 @@ class Context:
             if isinstance(m, nn.Module) and _linear_like(m):
                 return n, m
         return None
-
-    def pname(self, *parts: str) -> str:
-        return ".".join(p for p in (self.name, *parts) if p)
 
 
 Recognizer = Callable[[Context], "Found | None"]
@@ -166,9 +162,9 @@ def _counts(
 
 
 def _found(kind: str, ctx: Context, parts: list[tuple[str, nn.Parameter]], counts, layout=None):
+    """``parts``: ``(attribute path, parameter)`` in the layout's order (paths document it)."""
     dh, hq, hkv = counts
-    names = [ctx.pname(n) for n, _ in parts]
-    return Found(kind, [p for _, p in parts], names, dh, hq, hkv, layout)
+    return Found(kind, [p for _, p in parts], dh, hq, hkv, layout)
 
 
 # -- recognisers --------------------------------------------------------------------------
@@ -209,14 +205,9 @@ def _separate(ctx: Context) -> Found | None:
                 f"register a layout (cm_triton.layouts.register_layout) and a recogniser"
             )
         dh, hq, hkv = _counts(ctx, q_rows // 2, k_rows, o_cols, None)
-        found = _found("attention", ctx, [*weight, o_param], (dh, hq, hkv), "gated_q")
-        found.names[-1] = o_name + ".weight" if "." in o_name else found.names[-1]
-        return found
+        return _found("attention", ctx, [*weight, o_param], (dh, hq, hkv), "gated_q")
     counts = _counts(ctx, q_rows, k_rows, o_cols, ctx.head_dim)
-    found = _found("qk+ov", ctx, [*weight, o_param], counts)
-    if "." in o_name:  # BERT's sibling: its full name
-        found.names[-1] = f"{o_name}.weight"
-    return found
+    return _found("qk+ov", ctx, [*weight, o_param], counts)
 
 
 def _gpt2(ctx: Context) -> Found | None:

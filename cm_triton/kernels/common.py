@@ -1,0 +1,49 @@
+"""Shared settings of the Triton kernels: what they accept and how they are launched."""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+MAX_HEAD_DIM = 128
+DOT_PRECISION = "tf32x3"
+TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs: split the width until a leg has these
+
+
+def _block(dh: int) -> int:
+    return max(16, triton.next_power_of_2(dh))
+
+
+# Launch shapes per kernel and block (dh rounded up to a power of two): (warps, tile, BLOCK_K),
+# the tile being BLOCK_N (columns per step) for the streaming kernels and BLOCK_M (rows per
+# product block) for the dh x dh ones. Chosen from ahead-of-time compiles for sm_90 and sm_80
+# (bench/compile_report.py): the largest tiles that stay spill-free on both targets.
+TUNING = {
+    "stream": {16: (4, 64, 0), 32: (4, 64, 0), 64: (4, 32, 0), 128: (8, 16, 0)},
+    "restart": {16: (4, 64, 16), 32: (4, 16, 32), 64: (8, 32, 32), 128: (8, 16, 16)},
+    "apply": {16: (4, 64, 16), 32: (4, 64, 32), 64: (4, 64, 32), 128: (8, 32, 32)},
+    "maps": {16: (4, 16, 16), 32: (4, 32, 16), 64: (4, 16, 16), 128: (4, 16, 16)},
+}
+
+
+def supported(*tensors: Tensor) -> bool:
+    """Whether the kernels take these tensors (else the reference runs)."""
+    return all(
+        t.dtype in (torch.float32, torch.bfloat16, torch.float16) and t.shape[-2] <= MAX_HEAD_DIM
+        for t in tensors
+    )
+
+
+def _chunk(b: int, h: int, n: int, block_n: int) -> int:
+    """Columns per program: enough programs to fill the machine, whole tiles each."""
+    chunks = max(1, min(triton.cdiv(n, block_n), triton.cdiv(TARGET_PROGRAMS, b * h)))
+    return triton.cdiv(triton.cdiv(n, chunks), block_n) * block_n
+
+
+def _padded(t: Tensor, block: int) -> Tensor:
+    """``(B, H, r, r) -> (B, H, block, block)`` fp32, zero-padded, contiguous."""
+    b, h, r, _ = t.shape
+    out = torch.zeros(b, h, block, block, dtype=torch.float32, device=t.device)
+    out[..., :r, :r] = t
+    return out

@@ -14,7 +14,7 @@ from cm_triton.options import CMOptions
 from cm_triton.reference.rule import pair_step
 from cm_triton.schedules import POLAR_EXPRESS_8
 
-__all__ = ["cm_qk", "cm_ov", "row_heads", "col_heads_t", "check_pair_shapes", "all_finite"]
+__all__ = ["cm_qk", "cm_ov", "row_heads", "col_heads_t", "all_finite"]
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
@@ -142,19 +142,6 @@ def _validate(
             if _ranges_overlap(named[a], named[b]):
                 raise ValueError(f"{a} and {b} share memory; both are written in place")
     return hq, hkv, d
-
-
-def check_pair_shapes(
-    kind: str, a: Tensor, b: Tensor, head_dim: object, joint: bool = False
-) -> None:
-    """Shape checks of ``cm_qk`` (``kind="qk"``, ``a, b = q_w, k_w``) or ``cm_ov`` (``"ov"``,
-    ``v_w, o_w``) without values: what an optimizer can check when its groups are built."""
-    names = ("q", "k") if kind == "qk" else ("v", "o")
-    metas = [t.detach().to("meta") for t in (a, b)]
-    named = {f"{names[0]}_w": metas[0], f"{names[1]}_w": metas[1]}
-    named |= {f"{n}_grad": m for n, m in zip(names, metas)}
-    named |= {f"m_{n}": m for n, m in zip(names, metas)}
-    _validate(named, head_dim, kind, joint)
 
 
 def _run(

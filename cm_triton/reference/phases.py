@@ -197,7 +197,7 @@ def leg_update(
     t, u_sq = ops.last_maps(r, t, post, rest)
     step = opts.eta * opts.budget
     if opts.per_mat_renorm:  # ||Delta_h||^2 = tr(T S T^T): no pass over Delta needed
-        step = step * _renorm_factor(_tst(t, s_gram), u_sq)
+        step = step * renorm_factor(_tst(t, s_gram).clamp_min(0).sqrt(), u_sq)
     decay = 1.0 - opts.eta * opts.weight_decay
     return ops.apply_update(w, t, gr, m_new, opts.beta, opts.nesterov, decay, step)
 
@@ -218,7 +218,7 @@ def hybrid_update(
     step = opts.eta * opts.budget
     if opts.per_mat_renorm:
         u_sq = u.square().unflatten(-2, (hq, -1)).sum((-2, -1))
-        delta = delta * _renorm_factor(delta.square().sum((-3, -2, -1)), u_sq)
+        delta = delta * renorm_factor(delta.square().sum((-3, -2, -1)).clamp_min(0).sqrt(), u_sq)
     return (1.0 - opts.eta * opts.weight_decay) * w - step * delta
 
 
@@ -250,8 +250,10 @@ def _tst(t: Tensor, s: Tensor) -> Tensor:
     return ((t @ s) * t).sum((-3, -2, -1))
 
 
-def _renorm_factor(delta_sq: Tensor, u_sq: Tensor) -> Tensor:
-    """Spec §4.8 per leg matrix: ``||U|| / ||Delta||`` (1 where Delta is 0) -> ``(B, 1, 1, 1)``."""
-    dn = delta_sq.clamp_min(0).sqrt()
+def renorm_factor(dn: Tensor, u_sq: Tensor) -> Tensor:
+    """Spec §4.8 per leg matrix: ``||U|| / ||Delta||`` (1 where Delta is 0) -> ``(B, 1, 1, 1)``.
+
+    ``dn (B,)``: ``||Delta||_F`` of each leg matrix; ``u_sq (B, H)``: ``||U_h||_F^2`` per head.
+    """
     un = u_sq.sum(-1).clamp_min(0).sqrt()
     return torch.where(dn > 0, un / torch.where(dn > 0, dn, 1.0), 1.0)[:, None, None, None]

@@ -21,7 +21,13 @@ from cm_triton.options import CMOptions
 from cm_triton.reference import legs
 from cm_triton.reference import primitives as ref
 from cm_triton.reference.connections import connect
-from cm_triton.reference.phases import REFERENCE_PHASES, PhaseOps, fusable, gram_pair_step
+from cm_triton.reference.phases import (
+    REFERENCE_PHASES,
+    PhaseOps,
+    fusable,
+    gram_pair_step,
+    renorm_factor,
+)
 
 __all__ = [
     "Primitives",
@@ -67,9 +73,7 @@ def scalar_roots(w: Tensor, group_size: int, damping: float) -> Tensor:
 def _renorm(delta: Tensor, u_sq: Tensor) -> Tensor:
     """Spec §4.8: rescale each leg matrix (all heads of one weight, per batch entry) to the
     Frobenius norm of its sign output. ``delta (B, H, dh, d), u_sq (B, H) -> delta``."""
-    dn = torch.linalg.vector_norm(delta, dim=(-3, -2, -1), keepdim=True)
-    un = u_sq.sum(-1).clamp_min(0).sqrt()[:, None, None, None]
-    return delta * torch.where(dn > 0, un / torch.where(dn > 0, dn, 1.0), 1.0)
+    return delta * renorm_factor(torch.linalg.vector_norm(delta, dim=(-3, -2, -1)), u_sq)
 
 
 def _legs(

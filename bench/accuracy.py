@@ -26,26 +26,14 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import spectrum_slices as slices  # noqa: E402
+
 from cm_triton.reference.legs import whitened_sign
 from cm_triton.reference.primitives import gram, inv_sqrt, msign
 from cm_triton.schedules import POLAR_EXPRESS_8
 
 SPECTRA = ("gaussian", "cond1e2", "cond1e4", "cond1e6", "rank_half")
-
-
-def slices(kind: str, b: int, m: int, n: int, seed: int = 0) -> torch.Tensor:
-    """``(b, m, n)`` float64 slices with a prescribed singular spectrum."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, m, n, generator=g, dtype=torch.float64)
-    if kind == "gaussian":
-        return x
-    u, _, vh = torch.linalg.svd(x, full_matrices=False)
-    if kind == "rank_half":
-        s = torch.cat([torch.ones(m // 2), torch.zeros(m - m // 2)]).double()
-    else:
-        cond = float(kind.removeprefix("cond"))
-        s = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), m, dtype=torch.float64)
-    return (u * s) @ vh
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

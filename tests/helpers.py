@@ -50,3 +50,37 @@ def ov_tensors(hq, hkv, dh, d, dtype=torch.float64, device="cpu", momentum=True)
 
 def clones(ts):
     return [t.clone() for t in ts]
+
+
+def compare_steps(fn, make, shape, kw_a: dict, kw_b: dict, rtol: float,
+                  dtype=torch.float32, device="cpu") -> None:  # fmt: skip
+    """Call ``fn`` (cm_qk / cm_ov) on two copies of ``make``'s tensors with ``kw_a`` and
+    ``kw_b``; both steps of the weights and both new momentum buffers must agree to ``rtol``
+    (relative Frobenius; a zero reference step must stay exactly zero)."""
+    hq, hkv, dh, d = shape
+    ts = make(hq, hkv, dh, d, dtype=dtype, device=device)
+    a, b = clones(ts), clones(ts)
+    fn(*a, head_dim=dh, eta=0.1, **kw_a)
+    fn(*b, head_dim=dh, eta=0.1, **kw_b)
+    for i in (0, 1, 4, 5):
+        step_a, step_b = (a[i] - ts[i]).double(), (b[i] - ts[i]).double()
+        if step_b.norm() == 0:
+            assert step_a.norm() == 0, i
+        else:
+            assert (step_a - step_b).norm() / step_b.norm() < rtol, i
+
+
+def spectrum_slices(kind: str, b: int, m: int, n: int, seed: int = 0) -> torch.Tensor:
+    """``(b, m, n)`` float64 slices with a prescribed singular spectrum: ``"gaussian"``,
+    ``"cond1e2"`` (log-spaced from 1 to 1e-2; likewise 1e4, 1e6) or ``"rank_half"``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, m, n, generator=g, dtype=torch.float64)
+    if kind == "gaussian":
+        return x
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    if kind == "rank_half":
+        s = torch.cat([torch.ones(m // 2), torch.zeros(m - m // 2)]).double()
+    else:
+        cond = float(kind.removeprefix("cond"))
+        s = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), m, dtype=torch.float64)
+    return (u * s) @ vh

@@ -139,6 +139,10 @@ class _Seq2Seq(nn.Module):
 
 
 QK_VO = (("qk", None), ("ov", None))
+# DeepSeek-V2/V3: multi-head latent attention (not CM's) and a MoE MLP after one dense layer.
+MLA = dict(COMMON, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+           qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+           n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1)  # fmt: skip
 # Qwen3-Next / Qwen3.5: a linear-attention layer, then a gated full-attention one.
 QWEN_HYBRID = dict(COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
@@ -241,22 +245,8 @@ FAMILIES: dict[str, Family] = {
         _hf(
             "DeepseekV3Config",
             "DeepseekV3ForCausalLM",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            vocab_size=V,
-            num_attention_heads=4,
+            **MLA,
             num_key_value_heads=4,
-            q_lora_rank=32,
-            kv_lora_rank=16,
-            qk_nope_head_dim=16,
-            qk_rope_head_dim=8,
-            v_head_dim=16,
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            n_shared_experts=1,
-            moe_intermediate_size=32,
-            first_k_dense_replace=1,
             n_group=2,
             topk_group=1,
         ),
@@ -265,25 +255,7 @@ FAMILIES: dict[str, Family] = {
         unhandled=("self_attn",),
     ),  # fmt: skip
     "deepseek_v2": Family(
-        _hf(
-            "DeepseekV2Config",
-            "DeepseekV2ForCausalLM",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            vocab_size=V,
-            num_attention_heads=4,
-            q_lora_rank=32,
-            kv_lora_rank=16,
-            qk_nope_head_dim=16,
-            qk_rope_head_dim=8,
-            v_head_dim=16,
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            n_shared_experts=1,
-            moe_intermediate_size=32,
-            first_k_dense_replace=1,
-        ),
+        _hf("DeepseekV2Config", "DeepseekV2ForCausalLM", **MLA),
         _tokens,
         (),
         unhandled=("self_attn",),

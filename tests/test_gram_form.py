@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import clones, flag_id, flag_product, ov_tensors, qk_tensors
+from helpers import compare_steps, flag_id, flag_product, ov_tensors, qk_tensors, spectrum_slices
 
 from cm_triton import cm_ov, cm_qk
 from cm_triton.reference import msign
@@ -21,17 +21,8 @@ from cm_triton.schedules import POLAR_EXPRESS_8
 SPECTRA = ("gaussian", "cond1e2", "cond1e4", "cond1e6", "rank_half")
 
 
-def _slices(kind: str, b: int = 4, m: int = 32, n: int = 512) -> torch.Tensor:
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(b, m, n, generator=g, dtype=torch.float64)
-    if kind == "gaussian":
-        return x
-    u, _, vh = torch.linalg.svd(x, full_matrices=False)
-    if kind == "rank_half":
-        s = torch.cat([torch.ones(m // 2), torch.zeros(m - m // 2)]).double()
-    else:
-        s = torch.logspace(0, -float(kind.removeprefix("cond1e")), m, dtype=torch.float64)
-    return (u * s) @ vh
+def _slices(kind: str) -> torch.Tensor:
+    return spectrum_slices(kind, 4, 32, 512, seed=7)
 
 
 def _err(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -88,15 +79,8 @@ def _gram_vs_ns(fn, make, shape, flags):
     # (accuracy.md: 7.5e-5 and 6.0e-5 at worst over hard spectra), and the whitening and the
     # connections amplify that by the partner's condition (10-100 for these random blocks):
     # measured worst 1.3e-5 over this product. 5e-4 keeps the margin; a formula slip is O(1).
-    hq, hkv, dh, d = shape
-    ts = make(hq, hkv, dh, d, dtype=torch.float32)
-    a, b = clones(ts), clones(ts)
-    fn(*a, head_dim=dh, eta=0.1, ns_method="gram", **flags)
-    fn(*b, head_dim=dh, eta=0.1, ns_method="ns", **flags)
-    for i in (0, 1, 4, 5):
-        step_a, step_b = (a[i] - ts[i]).double(), (b[i] - ts[i]).double()
-        den = step_b.norm().clamp_min(1e-30)
-        assert (step_a - step_b).norm() / den < 5e-4, i
+    compare_steps(fn, make, shape, {"ns_method": "gram", **flags}, {"ns_method": "ns", **flags},
+                  5e-4)  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["mha", "gqa"])

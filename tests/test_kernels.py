@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import clones, flag_id, flag_product, ov_tensors, qk_tensors
+from helpers import clones, compare_steps, flag_id, flag_product, ov_tensors, qk_tensors
 
 from cm_triton import cm_ov, cm_qk
 from cm_triton.dispatch import resolve_primitives, triton_available
@@ -120,17 +120,8 @@ def test_triton_backend_uses_the_kernels():
 
 
 def _compare_step(fn, make, shape, flags, dtype=torch.float32, rtol=FP32_RTOL, **extra):
-    hq, hkv, dh, d = shape
-    ts = make(hq, hkv, dh, d, dtype=dtype, device=DEVICE)
-    got, want = clones(ts), clones(ts)
-    fn(*got, head_dim=dh, eta=0.1, backend="triton", **flags, **extra)
-    fn(*want, head_dim=dh, eta=0.1, backend="reference", **flags, **extra)
-    for i in (0, 1, 4, 5):  # both weights (compare the steps) and both momentum buffers
-        step_g, step_w = (got[i] - ts[i])[None], (want[i] - ts[i])[None]
-        if step_w.norm() == 0:
-            assert step_g.norm() == 0
-        else:
-            assert _rel(step_g, step_w) < rtol, i
+    compare_steps(fn, make, shape, {"backend": "triton", **flags, **extra},
+                  {"backend": "reference", **flags, **extra}, rtol, dtype, DEVICE)  # fmt: skip
 
 
 SHAPES = [(3, 3, 16, 37), (4, 2, 16, 37)]

@@ -25,6 +25,7 @@ setup(
             "numpy<2.4",
             "transformers>=5",
             "timm>=1",
+            "peft>=0.13",  # LoRA fine-tuning through PEFT's wrappers (tests/test_peft.py)
         ],
     },
 )

@@ -79,6 +79,7 @@ class Found:
     num_heads: int
     num_kv_heads: int
     layout: str | None = None
+    layout_args: dict[str, Any] | None = None  # the layout's own sizes (MLA's)
 
 
 class Refused(Exception):
@@ -95,10 +96,16 @@ class Context:
     config: Any
     head_dim: int | None = None  # param_groups(head_dim=...): the fallback
 
+    def get(self, name: str) -> nn.Module | None:
+        """The child ``name`` seen through adapter wrappers (PEFT's ``lora.Linear`` holds the
+        original layer as ``base_layer``), or None."""
+        m = getattr(self.module, name, None)
+        return _unwrap(m) if isinstance(m, nn.Module) else None
+
     def child(self, names: tuple[str, ...]) -> tuple[str, nn.Module] | None:
         for n in names:
-            m = getattr(self.module, n, None)
-            if isinstance(m, nn.Module) and _linear_like(m):
+            m = self.get(n)
+            if m is not None and _linear_like(m):
                 return n, m
         return None
 
@@ -107,6 +114,13 @@ Recognizer = Callable[[Context], "Found | None"]
 
 
 # -- helpers ------------------------------------------------------------------------------
+def _unwrap(m: nn.Module) -> nn.Module:
+    """The layer an adapter wraps (PEFT's LoRA/IA3/... layers keep it as ``base_layer``)."""
+    while isinstance(getattr(m, "base_layer", None), nn.Module):
+        m = m.base_layer
+    return m
+
+
 def _linear_like(m: nn.Module) -> bool:
     """nn.Linear (and subclasses), transformers' Conv1D (stored in x out)."""
     return isinstance(m, nn.Linear) or _is_conv1d(m)
@@ -212,12 +226,12 @@ def _separate(ctx: Context) -> Found | None:
 
 def _gpt2(ctx: Context) -> Found | None:
     m = ctx.module
-    if not (_is_conv1d(getattr(m, "c_attn", None) or nn.Identity())
-            and _is_conv1d(getattr(m, "c_proj", None) or nn.Identity())):  # fmt: skip
+    c_attn, c_proj, q_attn = (ctx.get(n) or nn.Identity() for n in ("c_attn", "c_proj", "q_attn"))
+    if not (_is_conv1d(c_attn) and _is_conv1d(c_proj)):
         return None
-    c_attn, c_proj = m.c_attn.weight, m.c_proj.weight  # (d, n*E), (Hq*dh, d): in x out
-    if getattr(m, "is_cross_attention", False) and _is_conv1d(getattr(m, "q_attn", nn.Identity())):
-        q = m.q_attn.weight
+    c_attn, c_proj = c_attn.weight, c_proj.weight  # (d, n*E), (Hq*dh, d): in x out
+    if getattr(m, "is_cross_attention", False) and _is_conv1d(q_attn):
+        q = q_attn.weight
         counts = _counts(ctx, q.shape[1], c_attn.shape[1] // 2, c_proj.shape[0], None)
         parts = [("q_attn.weight", q), ("c_attn.weight", c_attn), ("c_proj.weight", c_proj)]
         return _found("attention", ctx, parts, counts, "q_kv_t")
@@ -229,7 +243,7 @@ def _gpt2(ctx: Context) -> Found | None:
 def _query_key_value(ctx: Context) -> Found | None:
     """GPT-NeoX / Pythia (per head [q; k; v]) and Falcon (three layouts by config)."""
     m, cls = ctx.module, type(ctx.module).__name__
-    qkv, dense = getattr(m, "query_key_value", None), getattr(m, "dense", None)
+    qkv, dense = ctx.get("query_key_value"), ctx.get("dense")
     if not (isinstance(qkv, nn.Linear) and isinstance(dense, nn.Linear)):
         return None
     rows, o_cols = qkv.weight.shape[0], dense.weight.shape[1]
@@ -254,13 +268,13 @@ def _fused_blocks(ctx: Context) -> Found | None:
     m, cls = ctx.module, type(ctx.module).__name__
     mod = type(m).__module__
     if cls == "AttentionPoolLatent" and mod.startswith("timm."):
-        q, kv, proj = m.q.weight, m.kv.weight, m.proj.weight
+        q, kv, proj = (ctx.get(n).weight for n in ("q", "kv", "proj"))
         counts = _counts(ctx, q.shape[0], kv.shape[0] // 2, proj.shape[1], None)
         parts = [("q.weight", q), ("kv.weight", kv), ("proj.weight", proj)]
         return _found("attention", ctx, parts, counts, "q_kv")
     for fused, out, known in (("qkv_proj", "o_proj", cls == "Phi3Attention"),
                               ("qkv", "proj", mod.startswith("timm."))):  # fmt: skip
-        w, o = getattr(m, fused, None), getattr(m, out, None)
+        w, o = ctx.get(fused), ctx.get(out)
         if not (isinstance(w, nn.Linear) and isinstance(o, nn.Linear)):
             continue
         if not known:
@@ -274,13 +288,47 @@ def _fused_blocks(ctx: Context) -> Found | None:
     return None
 
 
+# How MLA's RoPE part is stepped: "mla" (a multi-query CM pair: every head's q_rope rows with
+# the one shared k_pe block) or "mla_rope_muon" (those rows on Muon). Chosen by the measured
+# comparison in bench/results/mla_rope.md (python bench/mla_rope.py).
+MLA_LAYOUT = "mla"
+
+
 def _mla(ctx: Context) -> Found | None:
-    if hasattr(ctx.module, "kv_b_proj") and hasattr(ctx.module, "kv_a_proj_with_mqa"):
-        raise Refused(
-            "multi-head latent attention (MLA): keys and values come from a shared low-rank "
-            "latent and a RoPE key shared by all heads, which CM's per-head pairing does not model"
-        )
-    return None
+    """DeepSeek-V2/V3 multi-head latent attention (transformers' ``DeepseekV{2,3}Attention``
+    and models built like it): see ``layouts._mla`` for the pairs."""
+    kv_b, kv_a = ctx.get("kv_b_proj"), ctx.get("kv_a_proj_with_mqa")
+    if kv_b is None or kv_a is None:
+        return None
+    q_name = "q_b_proj" if ctx.get("q_b_proj") is not None else "q_proj"
+    q, o = ctx.get(q_name), ctx.get("o_proj")
+    if not all(isinstance(x, nn.Linear) for x in (q, kv_b, kv_a, o)):
+        raise Refused("MLA without nn.Linear q_b_proj/q_proj, kv_b_proj, kv_a_proj_with_mqa and "
+                      "o_proj")  # fmt: skip
+    objs = (ctx.module,) if ctx.config is None else (ctx.module, ctx.config)
+    sizes = {n: _attr(objs, (n,)) for n in ("qk_nope_head_dim", "qk_rope_head_dim",
+                                           "v_head_dim", "kv_lora_rank")}  # fmt: skip
+    hq = _attr(objs, ("num_heads", "num_attention_heads"))
+    if hq is None or None in sizes.values():
+        missing = [n for n, v in sizes.items() if v is None] + ([] if hq else ["num_heads"])
+        raise Refused(f"MLA whose sizes cannot be read (no {', '.join(missing)})")
+    nope, rope, dv, rank = (sizes[n] for n in sizes)
+    want = {q_name: hq * (nope + rope), "kv_b_proj": hq * (nope + dv),
+            "kv_a_proj_with_mqa": rank + rope}  # fmt: skip
+    for name, rows in want.items():
+        got = ctx.get(name).weight.shape[0]
+        if got != rows:
+            raise Refused(f"MLA's {name} has {got} rows, its config gives {rows}")
+    if o.weight.shape[1] != hq * dv:
+        raise Refused(f"MLA's o_proj has {o.weight.shape[1]} inputs, not {hq} x {dv}")
+    parts = [(f"{q_name}.weight", q.weight), ("kv_b_proj.weight", kv_b.weight),
+             ("o_proj.weight", o.weight)]  # fmt: skip
+    if MLA_LAYOUT == "mla":
+        parts.append(("kv_a_proj_with_mqa.weight", kv_a.weight))
+    args = {"rope_dim": rope, "v_head_dim": dv, "kv_lora_rank": rank}
+    found = _found("attention", ctx, parts, (nope, hq, hq), MLA_LAYOUT)
+    found.layout_args = args
+    return found
 
 
 RECOGNIZERS: list[Recognizer] = [_mla, _multihead_attention, _gpt2, _query_key_value,
@@ -402,14 +450,22 @@ def param_groups(
     groups: list[dict[str, Any]] = []
     claimed: set[int] = set()
     recognised: list[str] = []
-    seen: Counter = Counter()
+    seen: Counter = Counter()  # what CM steps, per (class, layout, sizes)
+    frozen: Counter = Counter()  # attention whose weights are all frozen, per class
 
-    def add(kind: str, params: list, found: Found, name: str, extra: dict) -> None:
-        if not all(p.requires_grad for p in params):  # frozen: its trainable weights fall
-            return  # through to Muon/AdamW, so each lands in exactly one group
+    def add(kind: str, params: list, found: Found, name: str, extra: dict) -> str | None:
+        """Append the group and return its label, or log why it is not stepped."""
+        trainable = [p.requires_grad for p in params]
+        if not all(trainable):  # its trainable weights fall through to Muon/AdamW, so each
+            if any(trainable):  # lands in exactly one group
+                log.info("cm_triton: %s: part of its %s pair is frozen, so CM does not step "
+                         "the pair; its trainable weights go to Muon", name,
+                         extra.get("layout", kind))  # fmt: skip
+            return None
         groups.append({"kind": kind, "params": params, "head_dim": found.head_dim,
                        "module": name, **extra, **options})  # fmt: skip
         claimed.update(id(p) for p in params)
+        return extra.get("layout", kind)
 
     for name, module in modules.items() if attention else ():
         ctx = Context(name, module, modules, _config_of(name, modules), head_dim)
@@ -428,24 +484,50 @@ def param_groups(
         recognised.append(name)
         if found.kind == "qk+ov":
             q, k, v, o = found.params
-            add("qk", [q, k], found, name, {})
-            add("ov", [v, o], found, name, {})
+            stepped = [add("qk", [q, k], found, name, {}), add("ov", [v, o], found, name, {})]
         elif found.kind == "mha":
-            add("mha", found.params, found, name, {})
+            stepped = [add("mha", found.params, found, name, {})]
         else:
             counts = {"layout": found.layout, "num_heads": found.num_heads,
                       "num_kv_heads": found.num_kv_heads}  # fmt: skip
-            add("attention", found.params, found, name, counts)
-        seen[(type(module).__name__, found.layout or found.kind, found.head_dim,
-              found.num_heads, found.num_kv_heads)] += 1  # fmt: skip
+            if found.layout_args:
+                counts["layout_args"] = dict(found.layout_args)
+            stepped = [add("attention", found.params, found, name, counts)]
+        label = "+".join(s for s in stepped if s)
+        if label:
+            seen[(type(module).__name__, label, found.head_dim, found.num_heads,
+                  found.num_kv_heads)] += 1  # fmt: skip
+        elif not any(p.requires_grad for p in found.params):
+            frozen[type(module).__name__] += 1
 
     if attention:
         _report_lookalikes(modules, recognised, claimed, unrecognised)
     for (cls, layout, dh, hq, hkv), n in seen.items():
         log.info("cm_triton: %d x %s: layout %s, head_dim %d, %d query / %d KV heads",
                  n, cls, layout, dh, hq, hkv)  # fmt: skip
+    for cls, n in frozen.items():
+        log.info("cm_triton: %d x %s: attention found, its weights are frozen: nothing to step",
+                 n, cls)  # fmt: skip
+    _log_adapters(modules)
     groups += _route(model, claimed, _output_head_ids(model, output_heads))
     return groups
+
+
+def _log_adapters(modules: dict[str, nn.Module]) -> None:
+    """Say where adapters' trainable matrices (PEFT's ``lora_A``/``lora_B``) go, and why."""
+    n_layers, n_mats = 0, 0
+    for module in modules.values():
+        base = getattr(module, "base_layer", None)
+        if not isinstance(base, nn.Module):
+            continue
+        own = {id(p) for p in base.parameters()}
+        mats = [p for p in module.parameters() if id(p) not in own and p.requires_grad
+                and p.ndim >= 2]  # fmt: skip
+        n_layers, n_mats = n_layers + bool(mats), n_mats + len(mats)
+    if n_mats:
+        log.info("cm_triton: %d adapter matrices (e.g. LoRA's lora_A/lora_B) of %d wrapped "
+                 "layers go to Muon: they are low-rank factors of one layer's update, not "
+                 "attention heads that CM pairs", n_mats, n_layers)  # fmt: skip
 
 
 def _report_lookalikes(

@@ -46,8 +46,6 @@ CM_KEYS = (
     "momentum_reproject", "per_mat_renorm", "ns_coefficients", "ns_dtype", "ns_method",
     "ns_restart", "inv_root", "backend",
 )  # fmt: skip
-# Which of a pair's two factors is P (per query head) and S (shared), spec §1 / rule.py.
-PAIR_ROLES = {"qk": ("q", "k"), "ov": ("o", "v")}
 
 
 # -- reading a group ----------------------------------------------------------------------
@@ -86,7 +84,10 @@ def group_layout(group: dict) -> Layout:
                 raise ValueError(f"an 'attention' group needs a positive int {key!r}, got {n!r}")
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of the {hkv} KV heads")
-    return get_layout(name, hq, hkv, dh)
+    args = group.get("layout_args") or {}
+    if not isinstance(args, dict):
+        raise ValueError(f"'layout_args' must be a dict, got {args!r}")
+    return get_layout(name, hq, hkv, dh, **args)
 
 
 def group_options(group: dict, **override: Any) -> CMOptions:
@@ -104,13 +105,17 @@ def check_group(group: dict, where: str) -> None:
         layout.check(shapes, "layout")
         metas = [torch.empty(s, device="meta") for s in shapes]
         for pair in layout.pairs:
-            p_role, s_role = (getattr(layout, r) for r in PAIR_ROLES[pair])
-            p, s = p_role.heads(metas[p_role.param]), s_role.heads(metas[s_role.param])
+            p, s = pair.p.heads(metas[pair.p.param]), pair.s.heads(metas[pair.s.param])
             if p.shape[-2] != s.shape[-2]:
-                raise ValueError(f"{pair}: head sizes differ ({p.shape[-2]} vs {s.shape[-2]})")
+                raise ValueError(f"{pair.name}: head sizes differ ({p.shape[-2]} vs {s.shape[-2]})")
+            if p.shape[-3] % s.shape[-3]:
+                raise ValueError(
+                    f"{pair.name}: {p.shape[-3]} query heads are not a multiple of the "
+                    f"{s.shape[-3]} shared heads"
+                )
             if opts.method == "joint" and p.shape[-1] != s.shape[-1]:
                 raise ValueError(
-                    f"{pair}: method='joint' stacks both factors' rows under one sign, so "
+                    f"{pair.name}: method='joint' stacks both factors' rows under one sign, so "
                     f"their widths must match ({p.shape[-1]} vs {s.shape[-1]})"
                 )
     except ValueError as e:
@@ -170,10 +175,10 @@ def compute_attention(
         return role.heads(stacks[role.param]).to(cdtype)
 
     for pair in layout.pairs:
-        pr, sr = (getattr(layout, r) for r in PAIR_ROLES[pair])
+        pr, sr = pair.p, pair.s
         out = pair_step(
             read(pr, weights), read(sr, weights), read(pr, grads), read(sr, grads),
-            read(pr, moms), read(sr, moms), opts, pair == "ov" and opts.hybrid, prims,
+            read(pr, moms), read(sr, moms), opts, pair.kind == "ov" and opts.hybrid, prims,
         )  # fmt: skip
         for role, stacks, value in ((pr, new_w, out[0]), (sr, new_w, out[1]),
                                     (pr, new_m, out[2]), (sr, new_m, out[3])):  # fmt: skip
@@ -221,6 +226,7 @@ class Step:
             opts = resolve_options(group_options(group), params[0].device)
             shape_key = tuple(group.get(k) for k in ("kind", "layout", "head_dim", "num_heads",
                                                       "num_kv_heads"))  # fmt: skip
+            shape_key += tuple(sorted((group.get("layout_args") or {}).items()))
             key = ("attention", shape_key, tuple(p.shape for p in params), params[0].dtype,
                    params[0].device, opts, group["nonfinite"])  # fmt: skip
             batches.setdefault(key, _Batch(key, [])).members.append(group)

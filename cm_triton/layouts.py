@@ -42,7 +42,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["Heads", "Layout", "LAYOUTS", "register_layout", "get_layout", "head_views"]
+__all__ = [
+    "Heads",
+    "Pair",
+    "Layout",
+    "LAYOUTS",
+    "register_layout",
+    "get_layout",
+    "head_views",
+]
 
 Index = tuple  # of int | slice
 
@@ -76,34 +84,50 @@ class Heads:
         v = self.view(w)
         v.copy_(value.reshape(v.shape))
 
-    def count(self, length: int) -> int:
-        """How many heads this entry takes from an axis of ``length``."""
-        probe = torch.zeros(length).unflatten(0, self.shape)[tuple(self.index)]
-        return probe.numel() // self.shape[-1]
+
+@dataclass(frozen=True)
+class Pair:
+    """One CM pair of a layout: ``kind`` ``"qk"`` or ``"ov"`` (the rule's hybrid O sign
+    applies to ``"ov"`` only), ``p`` the per-query factor (q, or o's transposed columns) and
+    ``s`` the shared one (k or v); ``name`` labels its entries (``"qk"``, ``"ov"``, ``"qk_rope"``).
+    """
+
+    name: str
+    kind: str
+    p: Heads
+    s: Heads
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where q, k, v and o heads sit in a group's parameters, plus Muon-stepped extras."""
+    """Where q, k, v and o heads sit in a group's parameters, plus Muon-stepped extras.
+
+    ``extra``: further QK pairs beyond ``q``/``k`` (MLA's RoPE part: every head's ``q_rope``
+    rows with the one ``k_pe`` block that all heads share, a multi-query pair).
+    """
 
     q: Heads | None = None
     k: Heads | None = None
     v: Heads | None = None
     o: Heads | None = None
     muon: tuple[Heads, ...] = field(default=())
+    extra: tuple[Pair, ...] = field(default=())
 
     @property
-    def pairs(self) -> tuple[str, ...]:
-        """The CM pairs this layout holds: ``"qk"`` and/or ``"ov"``."""
-        out = ()
+    def pairs(self) -> tuple[Pair, ...]:
+        """The CM pairs this layout holds: ``"qk"`` and/or ``"ov"``, then ``extra``."""
+        out: tuple[Pair, ...] = ()
         if self.q is not None and self.k is not None:
-            out += ("qk",)
+            out += (Pair("qk", "qk", self.q, self.k),)
         if self.v is not None and self.o is not None:
-            out += ("ov",)
-        return out
+            out += (Pair("ov", "ov", self.o, self.v),)
+        return out + self.extra
 
     def entries(self) -> list[tuple[str, Heads]]:
         named = [(n, getattr(self, n)) for n in ("q", "k", "v", "o")]
+        for pair in self.extra:
+            p_role, s_role = ("q", "k") if pair.kind == "qk" else ("o", "v")
+            named += [(f"{pair.name}.{p_role}", pair.p), (f"{pair.name}.{s_role}", pair.s)]
         named += [(f"muon[{i}]", h) for i, h in enumerate(self.muon)]
         return [(n, h) for n, h in named if h is not None]
 
@@ -136,12 +160,14 @@ class Layout:
                 raise ValueError(f"{name}: part of parameter {i}'s head axis is covered {what}")
 
 
-LayoutFactory = Callable[[int, int, int], Layout]
+LayoutFactory = Callable[..., Layout]
 LAYOUTS: dict[str, LayoutFactory] = {}
 
 
 def register_layout(name: str, factory: LayoutFactory) -> None:
-    """Make ``factory(hq, hkv, dh) -> Layout`` available to groups as ``"layout": name``."""
+    """Make ``factory(hq, hkv, dh, **layout_args) -> Layout`` available to groups as
+    ``"layout": name`` (``layout_args``: the group's ``"layout_args"`` dict, for layouts whose
+    sizes three numbers do not fix, as MLA's)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"layout name must be a non-empty string, got {name!r}")
     if not callable(factory):
@@ -149,11 +175,15 @@ def register_layout(name: str, factory: LayoutFactory) -> None:
     LAYOUTS[name] = factory
 
 
-def get_layout(name: str, hq: int, hkv: int, dh: int) -> Layout:
-    """The registered layout ``name`` for ``hq`` query heads, ``hkv`` KV heads of size ``dh``."""
+def get_layout(name: str, hq: int, hkv: int, dh: int, **layout_args: object) -> Layout:
+    """The registered layout ``name`` for ``hq`` query heads, ``hkv`` KV heads of size ``dh``
+    (and the layout's own ``layout_args``)."""
     if name not in LAYOUTS:
         raise ValueError(f"unknown attention layout {name!r}; registered: {sorted(LAYOUTS)}")
-    return LAYOUTS[name](hq, hkv, dh)
+    try:
+        return LAYOUTS[name](hq, hkv, dh, **layout_args)
+    except TypeError as e:
+        raise ValueError(f"layout {name!r}: bad 'layout_args' {layout_args!r}: {e}") from None
 
 
 def head_views(group: dict) -> dict[str, Tensor]:
@@ -238,6 +268,44 @@ def _gated(hq: int, hkv: int, dh: int) -> Layout:
                   muon=(Heads(0, 0, rows, (ALL, 1)),))  # fmt: skip
 
 
+def _mla(rope: str) -> LayoutFactory:
+    def factory(hq: int, hkv: int, dh: int, *, rope_dim: int, v_head_dim: int,
+                kv_lora_rank: int) -> Layout:  # fmt: skip
+        if hq != hkv:
+            raise ValueError(f"MLA expands a key and a value per query head: Hq == Hkv, got "
+                             f"{hq} and {hkv}")  # fmt: skip
+        q_rows, kv_rows = (hq, dh + rope_dim), (hq, dh + v_head_dim)
+        q_rope = Heads(0, 0, q_rows, (ALL, slice(dh, None)))
+        latent_rows = (1, kv_lora_rank + rope_dim)  # kv_a_proj_with_mqa: [latent; k_pe]
+        k_pe = Heads(3, 0, latent_rows, (ALL, slice(kv_lora_rank, None)))
+        base = dict(
+            q=Heads(0, 0, q_rows, (ALL, slice(0, dh))),
+            k=Heads(1, 0, kv_rows, (ALL, slice(0, dh))),
+            v=Heads(1, 0, kv_rows, (ALL, slice(dh, None))),
+            o=Heads(2, 1, (hq, v_head_dim)),
+        )
+        if rope == "muon":  # kv_a_proj_with_mqa is then an ordinary Muon matrix, not here
+            return Layout(**base, muon=(q_rope,))
+        latent = Heads(3, 0, latent_rows, (ALL, slice(0, kv_lora_rank)))
+        return Layout(**base, muon=(latent,), extra=(Pair("qk_rope", "qk", q_rope, k_pe),))
+
+    factory.__doc__ = (
+        "DeepSeek-V2/V3 multi-head latent attention, ``[q, kv_b_proj, o_proj"
+        + ("" if rope == "muon" else ", kv_a_proj_with_mqa")
+        + "]`` (q: ``q_b_proj`` or ``q_proj``). Per head h, q's rows are ``[q_nope,h; q_rope,h]`` "
+        "and kv_b_proj's ``[k_nope,h; v_h]`` (input: the kv latent). The logits' no-RoPE part "
+        "``q_nope,h^T k_nope,h`` is the ``qk`` pair (``head_dim`` = qk_nope_head_dim; the "
+        "factors' widths differ: the q latent and the kv latent), ``v_h`` with o's column block "
+        "h the ``ov`` pair. "
+        + ("The RoPE rows ``q_rope,h`` go to Muon (one matrix)."
+           if rope == "muon" else
+           "The RoPE part pairs every ``q_rope,h`` with the one ``k_pe`` block of "
+           "kv_a_proj_with_mqa (a multi-query pair, ``extra``); the latent rows of "
+           "kv_a_proj_with_mqa (a down-projection) go to Muon.")
+    )  # fmt: skip
+    return factory
+
+
 for _name, _factory in {
     "qk": _qk,
     "ov": _ov,
@@ -249,5 +317,7 @@ for _name, _factory in {
     "qkv_interleaved": _interleaved,
     "qkv_grouped": _grouped,
     "gated_q": _gated,
+    "mla": _mla("cm"),  # DeepSeek-V2/V3: the RoPE part a multi-query CM pair
+    "mla_rope_muon": _mla("muon"),  # ... or the RoPE rows on Muon
 }.items():
     register_layout(_name, _factory)

@@ -10,6 +10,7 @@ import importlib.util
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -139,7 +140,7 @@ class _Seq2Seq(nn.Module):
 
 
 QK_VO = (("qk", None), ("ov", None))
-# DeepSeek-V2/V3: multi-head latent attention (not CM's) and a MoE MLP after one dense layer.
+# DeepSeek-V2/V3: multi-head latent attention and a MoE MLP after one dense layer.
 MLA = dict(COMMON, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
            qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
            n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1)  # fmt: skip
@@ -251,14 +252,21 @@ FAMILIES: dict[str, Family] = {
             topk_group=1,
         ),
         _tokens,
-        (),
-        unhandled=("self_attn",),
+        (("attention", "mla"),) * L2,
+        qk_matrix=True,  # the no-RoPE pair: no RoPE, no norm on its heads
     ),  # fmt: skip
     "deepseek_v2": Family(
         _hf("DeepseekV2Config", "DeepseekV2ForCausalLM", **MLA),
         _tokens,
-        (),
-        unhandled=("self_attn",),
+        (("attention", "mla"),) * L2,
+        qk_matrix=True,
+    ),  # fmt: skip
+    # DeepSeek-V2-Lite's form: no q latent (q_lora_rank None), q_proj from the hidden state.
+    "deepseek_v2_lite": Family(
+        _hf("DeepseekV2Config", "DeepseekV2ForCausalLM", **(MLA | dict(q_lora_rank=None))),
+        _tokens,
+        (("attention", "mla"),) * L2,
+        qk_matrix=True,
     ),  # fmt: skip
     "phi3": Family(
         _llama_like(
@@ -526,6 +534,16 @@ def _signed_pow2(k: int, g: torch.Generator) -> torch.Tensor:
     return mag * sign
 
 
+def _factor_views(h, is_o: bool, group: dict, named: dict, role: dict, bias: dict) -> list:
+    """A factor's heads (the public ``head_views``), and for q/k/v their bias rows (o's bias
+    is on the model width, not per head); heads run along the output axis, with the bias."""
+    out = [named[role[id(h)]]]
+    b = bias.get(id(group["params"][h.param]))
+    if b is not None and not is_o:
+        out.append(h.view(b.detach()[:, None] if h.axis == 0 else b.detach()[None]))
+    return out
+
+
 @torch.no_grad()
 def apply_gauge(model: nn.Module, groups: list[dict], fam: Family, seed: int = 0) -> None:
     """Transform every attention pair by a random element of its gauge group, through the
@@ -535,21 +553,15 @@ def apply_gauge(model: nn.Module, groups: list[dict], fam: Family, seed: int = 0
     g = torch.Generator().manual_seed(seed)
     bias = biases(model)
     for group in (gr for gr in groups if gr["kind"] in ("qk", "ov", "mha", "attention")):
-        layout, views = group_layout(group), head_views(group)
-        heads = {}
-        for role, h in layout.entries():
-            if role.startswith("muon"):
-                continue
-            heads[role] = [views[role]]
-            b = bias.get(id(group["params"][h.param]))
-            if b is not None and role in "qkv":  # o's bias is on the model width, not per head
-                # q/k/v heads run along the output axis, where the bias lives
-                heads[role].append(h.view(b.detach()[:, None] if h.axis == 0 else b.detach()[None]))
-        for p_role, s_role, matrix in (("q", "k", fam.qk_matrix), ("o", "v", fam.vo_matrix)):
-            if p_role not in heads or s_role not in heads:
-                continue
-            s_view = heads[s_role][0]
-            hkv, dh = s_view.shape[-3], s_view.shape[-2]
+        layout, named = group_layout(group), head_views(group)
+        role = {id(h): n for n, h in layout.entries()}
+        views = partial(_factor_views, group=group, named=named, role=role, bias=bias)
+        for pair in layout.pairs:
+            # The main pairs take the family's gauge; extra pairs (MLA's RoPE part, whose
+            # k_pe all heads share, through RoPE) only a shared signed scalar.
+            matrix = {"qk": fam.qk_matrix, "ov": fam.vo_matrix}.get(pair.name, False)
+            p_views, s_views = views(pair.p, pair.kind == "ov"), views(pair.s, False)
+            hkv, dh = s_views[0].shape[-3], s_views[0].shape[-2]
             if matrix:
                 a = _invertible(dh, hkv, g)
             else:
@@ -557,10 +569,10 @@ def apply_gauge(model: nn.Module, groups: list[dict], fam: Family, seed: int = 0
             a_inv = torch.linalg.inv(a)
             # q/k: P heads get A^T, the shared head A^{-1}. v/o: V gets B, O_h B^{-1}, i.e. the
             # transposed o view (O_h^T) gets B^{-T}.
-            p_map, s_map = (a.mT, a_inv) if p_role == "q" else (a_inv.mT, a)
-            for x in heads[s_role]:
-                x.copy_(s_map.to(x.dtype) @ x)
-            for x in heads[p_role]:
+            p_map, s_map = (a.mT, a_inv) if pair.kind == "qk" else (a_inv.mT, a)
+            for x in s_views:
+                x.copy_((s_map.to(x.dtype) @ x.reshape(hkv, dh, -1)).reshape(x.shape))
+            for x in p_views:
                 grouped = x.reshape(hkv, -1, *x.shape[-2:])
                 x.copy_((p_map.to(x.dtype)[:, None] @ grouped).reshape(x.shape))
 

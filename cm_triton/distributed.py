@@ -22,6 +22,24 @@ q/k/v are heads, which CM can exploit (``Comm.attention`` picks a plan per batch
   Expert stacks sharded along the expert axis hold whole matrices: local.
 - AdamW: elementwise on the shards, local.
 
+Replicated parameters (plain tensors, as DDP keeps them: identical on every rank) with a
+process group: ``replicated="split"`` (the default) splits each batch's L stacked entries
+(layers) into contiguous chunks of ``ceil(L / W)``, rank r computes the step of its chunk
+(the chunks' first rank rotates over the step's batches, so small batches spread), and
+**one all_gather** per batch (chunks padded to equal sizes, all of a batch's weight stacks in
+one buffer) brings every rank the full new weights: plan ``"replicated_split"`` (attention)
+or ``"muon_replicated_split"``. The momentum update is elementwise (``beta m + G``; Muon's
+``m mom + G`` for Muon rows), so every rank computes it for all L with the rule's own
+expression, bit for bit, and nothing more is sent; ``momentum_reproject`` writes a projected
+momentum, which is gathered with the weights instead. Batched products on 3-D contiguous
+stacks are batch-invariant on the CPU, so the result equals the single-process step bit for
+bit; where a one-entry chunk of a longer batch would round differently (``_one_entry_differs``)
+that rank computes a neighbouring entry along. Whatever the device, every rank ends the step
+with the same gathered bytes: the replicas never drift apart. ``replicated="every_rank"``:
+every rank computes everything (plan ``"local"``), and with no DTensor parameter there is no
+communicator at all (zero collectives, as without a group). Replicated DTensors (``Replicate``
+placements) keep the ``"local"`` plan.
+
 Every decision that could differ between ranks (non-finite gradients, a non-finite result) is
 agreed by an all_reduce first, so no rank ever waits in a collective another rank skipped.
 ``Comm.counts`` holds the last step's collectives, by kind.
@@ -49,9 +67,15 @@ from cm_triton.reference.phases import (
     partner_roots_from_grams,
 )
 
-__all__ = ["Comm", "comm_for", "O_SIGN_STRATEGIES", "o_sign_cost"]
+__all__ = ["Comm", "comm_for", "O_SIGN_STRATEGIES", "REPLICATED", "o_sign_cost"]
 
 O_SIGN_STRATEGIES = ("auto", "gather", "sharded")
+REPLICATED = ("split", "every_rank")  # how replicated (DDP) parameters are stepped
+
+
+def check_replicated(replicated: str) -> None:
+    if not isinstance(replicated, str) or replicated not in REPLICATED:
+        raise ValueError(f"replicated must be one of {REPLICATED}, got {replicated!r}")
 
 
 def _dtensor_cls():
@@ -81,18 +105,25 @@ def _placement(p: Tensor) -> str:
     )
 
 
-def comm_for(groups: list[dict], explicit: Any = None, o_sign: str = "auto") -> Comm | None:
+def comm_for(groups: list[dict], explicit: Any = None, o_sign: str = "auto",
+             replicated: str = "split") -> Comm | None:  # fmt: skip
     """The communicator of the optimizer's parameters: ``explicit`` (a ``Comm``, a process
-    group or a 1-D ``DeviceMesh``), else the mesh of its DTensor parameters, else None."""
+    group or a 1-D ``DeviceMesh``), else the mesh of its DTensor parameters, else None.
+    ``replicated="every_rank"`` with no DTensor parameter: None (nothing to communicate)."""
+    check_replicated(replicated)
     if isinstance(explicit, Comm):
         return explicit
+    dtensor = _dtensor_cls()
     if explicit is not None:
         if hasattr(explicit, "get_group"):
             if explicit.ndim != 1:
                 raise NotImplementedError(f"a 1-D device mesh is needed, got {explicit.ndim}-D")
             explicit = explicit.get_group()
-        return Comm(explicit, o_sign)
-    dtensor = _dtensor_cls()
+        plain = dtensor is None or not any(isinstance(p, dtensor) for g in groups
+                                           for p in g["params"])  # fmt: skip
+        if replicated == "every_rank" and plain:
+            return None
+        return Comm(explicit, o_sign, replicated)
     meshes = []
     for g in groups:
         for p in g["params"]:
@@ -106,7 +137,7 @@ def comm_for(groups: list[dict], explicit: Any = None, o_sign: str = "auto") -> 
         raise NotImplementedError("the optimizer's DTensor parameters live on different meshes")
     if meshes[0].ndim != 1:
         raise NotImplementedError(f"a 1-D device mesh is needed, got {meshes[0].ndim}-D (HSDP)")
-    return Comm(meshes[0].get_group(), o_sign)
+    return Comm(meshes[0].get_group(), o_sign, replicated)
 
 
 def _rows(p: Tensor, world: int, rank: int) -> tuple[int, int, int]:
@@ -137,23 +168,27 @@ def o_sign_cost(n: int, d: int, world: int, flops_per_s: float = 2e14,
 class Comm:
     """Explicit, counted collectives on one process group, and the distributed plans."""
 
-    def __init__(self, group: Any = None, o_sign: str = "auto") -> None:
+    def __init__(self, group: Any = None, o_sign: str = "auto", replicated: str = "split") -> None:
         if o_sign not in O_SIGN_STRATEGIES:
             raise ValueError(f"o_sign must be one of {O_SIGN_STRATEGIES}, got {o_sign!r}")
+        check_replicated(replicated)
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.o_sign = o_sign
+        self.replicated = replicated
         self.counts: Counter = Counter()  # the last step's collectives, by kind
         self.sent: Counter = Counter()  # bytes this rank sent in them (ring algorithms)
         self.plans: Counter = Counter()  # the last step's plans, by name
         self._next_owner = 0  # Muon: the owner of the next matrix
+        self._next_slot = 0  # replicated split: the rank computing the next batch's 1st chunk
 
     def begin_step(self) -> None:
         self.counts = Counter()
         self.sent = Counter()
         self.plans = Counter()
         self._next_owner = 0
+        self._next_slot = 0
 
     def _record(self, kind: str, nbytes: float) -> None:
         self.counts[kind] += 1
@@ -210,6 +245,34 @@ class Comm:
             out.append(full.reshape(st.shape[0], n, *st.shape[2:]))
         return out
 
+    def split(self, n: int) -> tuple[slice, int, int]:
+        """This rank's share of a replicated batch of ``n`` entries: ``(entries, chunk,
+        first)``: contiguous chunks of ``ceil(n / W)`` (torch.chunk's split), chunk ``c``
+        computed by rank ``(first + c) % W``; ``first`` rotates over the step's batches."""
+        w = self.world
+        chunk = max(1, -(-n // w))
+        first = self._next_slot
+        self._next_slot = (first + -(-n // chunk)) % w
+        start = min(((self.rank - first) % w) * chunk, n)
+        return slice(start, min(start + chunk, n)), chunk, first
+
+    def gather_split(self, parts: list[Tensor], n: int, chunk: int, first: int) -> list[Tensor]:
+        """Full ``(n, ...)`` stacks from each rank's chunk ``parts[i]`` (``split``'s, possibly
+        empty): one all_gather of every part, as bytes (so dtypes may differ), each chunk
+        padded to ``chunk`` entries."""
+        flat = []
+        for x in parts:
+            pad = x.new_zeros(chunk - x.shape[0], *x.shape[1:])
+            flat.append(torch.cat([x, pad]).reshape(-1).view(torch.uint8))
+        sizes = [f.numel() for f in flat]
+        every = self.all_gather(torch.cat(flat))  # (W, sum sizes): rank r's bytes in row r
+        by_chunk = every[[(first + c) % self.world for c in range(self.world)]]
+        out = []
+        for x, piece in zip(parts, by_chunk.split(sizes, 1)):
+            full = piece.contiguous().view(-1).view(x.dtype)
+            out.append(full.view(self.world * chunk, *x.shape[1:])[:n])
+        return out
+
     # -- plans --------------------------------------------------------------------------------
     def attention(self, b, weights, grads, moms, opts: CMOptions, prims):
         """New local weight and momentum stacks of one attention batch (see the module doc)."""
@@ -217,6 +280,9 @@ class Comm:
         params = [ps[0] for ps in b.params]
         where = [_placement(p) for p in params]
         layout = group_layout(group0)
+        if self.replicated == "split" and all(w == "local" for w in where):
+            self.plans["replicated_split"] += 1
+            return self._split_attention(layout, weights, grads, moms, group0, opts, prims)
         if all(w != "shard0" for w in where):
             self.plans["local"] += 1
             return compute_attention(layout, weights, grads, moms, group0, opts, prims)
@@ -251,6 +317,30 @@ class Comm:
         zeros = [torch.zeros_like(x) for x in full[n:]]
         new_w, _ = compute_attention(layout, full[:n], full[n:], zeros, group0, plain, prims)
         return [self._own_rows(x, p) for x, p in zip(new_w, params)], new_m
+
+    def _split_attention(self, layout, weights, grads, moms, group0, opts: CMOptions, prims):
+        """Replicated parameters: this rank steps its chunk of the batch, one all_gather."""
+        n = weights[0].shape[0]
+        mine, chunk, first = self.split(n)
+        run, keep = mine, slice(0, mine.stop - mine.start)
+        if keep.stop == 1 and n > 1 and _one_entry_differs(opts, weights[0]):
+            # Computing a neighbour along keeps this rank on the single-process path (two
+            # entries or more), bit for bit, for one entry's extra work.
+            lo = min(mine.start, n - 2)
+            run, keep = slice(lo, lo + 2), slice(mine.start - lo, mine.start - lo + 1)
+        if keep.stop > keep.start:
+            new_w, new_m = compute_attention(layout, [w[run] for w in weights],
+                                             [g[run] for g in grads], [m[run] for m in moms],
+                                             group0, opts, prims)  # fmt: skip
+            new_w, new_m = [x[keep] for x in new_w], [x[keep] for x in new_m]
+        else:  # fewer entries than ranks: this rank only joins the gather
+            new_w, new_m = [w[:0] for w in weights], [m[:0] for m in moms]
+        if opts.momentum_reproject:  # the new momentum is projected: gathered with the weights
+            full = self.gather_split(new_w + new_m, n, chunk, first)
+            return full[: len(weights)], full[len(weights) :]
+        return self.gather_split(new_w, n, chunk, first), _momentum(
+            layout, weights, grads, moms, group0, opts
+        )
 
     def _own_rows(self, full: Tensor, p: Tensor) -> Tensor:
         start, stop, _ = _rows(p, self.world, self.rank)
@@ -344,6 +434,14 @@ class Comm:
         params = b.params[0]
         where = _placement(params[0])
         shape = group.get("shape", "matrix")
+        if self.replicated == "split" and where == "local":  # replicated: split over L
+            self.plans["muon_replicated_split"] += 1
+            mine, chunk, first = self.split(w.shape[0])
+            part = w[:0]
+            if mine.stop > mine.start:
+                part, _ = compute_muon(w[mine], g[mine], m[mine], group, opts, prims)
+            (w_new,) = self.gather_split([part], w.shape[0], chunk, first)
+            return w_new, m * group["momentum"] + g  # compute_muon's momentum, elementwise
         if where != "shard0" or shape.startswith("experts"):  # whole matrices are local
             self.plans["muon_local"] += 1
             return compute_muon(w, g, m, group, opts, prims)
@@ -389,3 +487,34 @@ class Comm:
         lr, wd = group["lr"], group["weight_decay"]
         w_new = w * (1 - lr * wd) - (lr * scale) * o_local.view(w.shape)
         return w_new.to(w.dtype), m_new
+
+
+def _one_entry_differs(opts: CMOptions, w: Tensor) -> bool:
+    """Whether the step of a one-entry batch can round differently from the same entry in a
+    batch of several (everything else is batch-invariant: 3-D contiguous products):
+
+    - a connection (also in ``momentum_reproject``) folds the batch into the heads
+      (``rule._connect_batched``): o_w's transposed head view flattens to a strided *view*
+      when the batch is one entry but to a contiguous copy otherwise, and the CPU's bmm rounds
+      the two layouts differently;
+    - ``per_mat_renorm`` sums each leg matrix whole (``(B, H, dh, d) -> (B,)``): with one
+      output and several intra-op threads, the CPU splits that one sum over the threads (one
+      output per thread otherwise), another summation order.
+    """
+    if opts.connection != "none" or opts.momentum_reproject:
+        return True
+    return opts.per_mat_renorm and w.device.type == "cpu" and torch.get_num_threads() > 1
+
+
+def _momentum(layout, weights, grads, moms, group: dict, opts: CMOptions) -> list[Tensor]:
+    """The new momentum stacks ``compute_attention`` returns, without the rest of the step
+    (``momentum_reproject`` off). Elementwise, by the rule's own expressions and casts: every
+    pair factor's ``beta m + G`` in the compute dtype (``momentum_update``, ``phases.stream``),
+    rounded to the buffer's dtype as the write does; each Muon extra's rows (the layout covers
+    every row exactly once) ``m mom + G`` in the buffer's dtype (``_muon_math``)."""
+    cdtype = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
+    new_m = [(opts.beta * m.to(cdtype) + g.to(cdtype)).to(m.dtype) for m, g in zip(moms, grads)]
+    for extra in layout.muon:
+        m, gr = (extra.heads(x[extra.param]) for x in (moms, grads))
+        extra.write(new_m[extra.param], m * group["momentum"] + gr)
+    return new_m

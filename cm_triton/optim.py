@@ -59,10 +59,14 @@ class CompositionalMuon(torch.optim.Optimizer):
             and counted in its first parameter's state as ``"nonfinite_skips"``.
         process_group: the process group (or 1-D DeviceMesh) that shards the parameters;
             read from the DTensor parameters (FSDP2) when None. Plain-tensor parameters (a
-            single process, or DDP, where every rank computes the same step) need none.
+            single process) need none; under DDP, giving it splits the step (``replicated``).
         o_sign: with sharded parameters, how the hybrid rule's one sign over a width-sharded
             o_w is computed: ``"gather"``, ``"sharded"`` or ``"auto"`` (a cost estimate; see
             ``cm_triton.distributed``).
+        replicated: with ``process_group`` and plain (replicated, DDP) parameters:
+            ``"split"`` (default): each rank steps its share of every batch's layers and one
+            all_gather per batch brings the new weights; ``"every_rank"``: every rank computes
+            the whole step, no collective. No effect without a process group.
         **cm_options: defaults for CM flags (``method``, ``connection``, ``damping``,
             ``ns_method``, ...); ``beta`` is CM's momentum.
 
@@ -84,6 +88,7 @@ class CompositionalMuon(torch.optim.Optimizer):
         nonfinite: str = "raise",
         process_group: Any = None,
         o_sign: str = "auto",
+        replicated: str = "split",
         **cm_options: Any,
     ) -> None:
         check_cm_keys(cm_options)
@@ -105,6 +110,8 @@ class CompositionalMuon(torch.optim.Optimizer):
                 f"o_sign must be one of {distributed.O_SIGN_STRATEGIES}, got {o_sign!r}"
             )
         self.o_sign = o_sign
+        distributed.check_replicated(replicated)
+        self.replicated = replicated
         self.comm = process_group  # resolved to a communicator on the first step
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -139,7 +146,8 @@ class CompositionalMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        comm = self.comm = distributed.comm_for(self.param_groups, self.comm, self.o_sign)
+        comm = self.comm = distributed.comm_for(self.param_groups, self.comm, self.o_sign,
+                                                  self.replicated)  # fmt: skip
         run = engine.Step(self.state, self._buffer, comm)
         if comm is not None:
             comm.begin_step()
@@ -204,6 +212,14 @@ class CompositionalMuon(torch.optim.Optimizer):
                 st["nonfinite_skips"] = st.get("nonfinite_skips", 0) + 1
         return keep
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, after checking that the checkpoint fits
+        these param groups: the same kinds and structure keys per group, and every state
+        tensor of each parameter's shape. A mismatch raises ValueError naming the group and
+        parameter, and nothing is loaded."""
+        check_state_dict(self.param_groups, state_dict)
+        super().load_state_dict(state_dict)
+
     def _buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]
         if "momentum_buffer" not in state:  # like p: a DTensor with p's placements on FSDP2
@@ -218,3 +234,45 @@ def check_cm_keys(options: dict[str, Any]) -> None:
     unknown = set(options) - set(CM_KEYS)
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)}; CM options are {CM_KEYS}")
+
+
+# Keys that fix how a group's parameters are read: a checkpoint must agree on them.
+STRUCTURE_KEYS = ("kind", "head_dim", "layout", "num_heads", "num_kv_heads", "layout_args",
+                  "shape")  # fmt: skip
+
+
+def check_state_dict(groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> None:
+    """Raise ValueError unless ``state_dict`` (``Optimizer.state_dict()``'s form) fits
+    ``groups``: as many groups, of the same sizes and structure keys, and every tensor in a
+    parameter's state either a scalar or of the parameter's shape."""
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+        raise ValueError("state_dict must be an optimizer state_dict with 'state' and "
+                         "'param_groups'")  # fmt: skip
+    saved = state_dict["param_groups"]
+    if len(saved) != len(groups):
+        raise ValueError(f"state_dict has {len(saved)} param groups, this optimizer "
+                         f"{len(groups)}")  # fmt: skip
+    by_index: dict[Any, tuple[int, int, Tensor]] = {}
+    for i, (group, old) in enumerate(zip(groups, saved)):
+        where = f"param group {i} ({group.get('kind')!r})"
+        if len(old["params"]) != len(group["params"]):
+            raise ValueError(f"{where}: the state_dict's group has {len(old['params'])} "
+                             f"parameters, this one {len(group['params'])}")  # fmt: skip
+        for key in STRUCTURE_KEYS:
+            if old.get(key) != group.get(key):
+                raise ValueError(f"{where}: the state_dict's {key!r} is {old.get(key)!r}, "
+                                 f"this group's {group.get(key)!r}")  # fmt: skip
+        for j, (index, p) in enumerate(zip(old["params"], group["params"])):
+            by_index[index] = (i, j, p)
+    for index, entries in state_dict["state"].items():
+        if index not in by_index:
+            raise ValueError(f"state_dict holds state for parameter index {index!r}, which no "
+                             f"param group lists")  # fmt: skip
+        i, j, p = by_index[index]
+        for name, value in entries.items():
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
+                raise ValueError(
+                    f"param group {i} ({groups[i].get('kind')!r}), parameter {j} "
+                    f"{tuple(p.shape)}: the state_dict's {name!r} has shape "
+                    f"{tuple(value.shape)}; nothing was loaded"
+                )

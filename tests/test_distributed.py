@@ -1,5 +1,10 @@
 """CompositionalMuon on FSDP2 (DTensor) and DDP, on the CPU with gloo, at world sizes 2 and 4.
 
+DDP (plain replicated parameters, ``process_group=``): the step split over ranks, compared with
+the single-process optimizer bit for bit (parameters and momentum), collectives and bytes
+counted exactly; the opt-out (``replicated="every_rank"``, or no process group) communicates
+nothing. See the DDP section below.
+
 Workers are forked once per world size (``dist_harness``) and run every case. Each case
 builds a model, a sharded copy (``fully_shard``) and the single-process optimizer as the
 reference, feeds both the same gradients, and compares: bit for bit where the plan is local
@@ -19,11 +24,12 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
-from dist_harness import CollectiveCounter, WorkerError, get_pool
+from dist_harness import CollectiveCounter, WorkerError, get_pool, step_flops
 from torch import nn
 
 from cm_triton import CompositionalMuon, param_groups
@@ -261,28 +267,197 @@ def test_a_nonfinite_gradient_on_one_rank_is_decided_by_all():
     assert all(r[2][0] == 1 for r in results)  # block 1's QK pair skipped, counted once
 
 
-def case_ddp():
+# -- DDP: replicated parameters, the step split over ranks -------------------------------
+# With ``process_group=`` and plain (DDP) parameters, each rank steps its contiguous chunk
+# (ceil(L / W) entries) of every batch's L stacked layers and one all_gather per batch brings
+# the new weights; the momentum (elementwise) is computed on every rank. Collectives per step:
+# one all_gather per batch, the finite-gradient all_reduce and the finite-result all_reduce.
+# Every case compares parameters AND momentum buffers with the single-process optimizer bit for
+# bit (torch.equal), on every rank.
+
+
+class GatedBlock(nn.Module):  # Qwen3-Next's q_proj: [query_h; gate_h] rows, gates by Muon
+    def __init__(self, d: int = 32, hq: int = 4, hkv: int = 2, dh: int = 8) -> None:
+        super().__init__()
+        self.q = nn.Linear(d, 2 * hq * dh, bias=False)
+        self.k = nn.Linear(d, hkv * dh, bias=False)
+        self.v = nn.Linear(d, hkv * dh, bias=False)
+        self.o = nn.Linear(hq * dh, d, bias=False)
+
+
+def _ddp_model(cfg: dict) -> tuple[nn.Module, Callable[[nn.Module], list[dict]]]:
+    """A model and its param groups: ``Net(**cfg)``, or ``cfg["gated"]`` gated attention
+    blocks (layout ``"gated_q"``: its Muon rows keep Muon's momentum)."""
+    if "gated" not in cfg:
+        return Net(**cfg), param_groups
+
+    def groups(model: nn.Module, **flags) -> list[dict]:
+        blocks = model.module if hasattr(model, "module") else model
+        return [{"kind": "attention", "layout": "gated_q", "head_dim": 8, "num_heads": 4,
+                 "num_kv_heads": 2, "params": [b.q.weight, b.k.weight, b.v.weight, b.o.weight],
+                 **flags} for b in blocks]  # fmt: skip
+
+    return nn.ModuleList(GatedBlock() for _ in range(cfg["gated"])), groups
+
+
+def case_ddp(cfg: dict, flags: dict, opt_kw: dict, group: bool = True, steps: int = 2,
+             nan: str | None = None):  # fmt: skip
+    """A DDP-wrapped copy and the single-process optimizer, fed the same gradients (what DDP's
+    all_reduce leaves: identical on every rank); ``nan`` names a gradient given a NaN."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(0)
-    ref = Net(hq=8, hkv=4)
+    ref, groups = _ddp_model(cfg)
+    ddp = DDP(copy.deepcopy(ref))
+    kw = dict(lr=0.05, adamw_lr=0.01, **opt_kw)
+    every = kw.pop("replicated", "split")
+    opt_ref = CompositionalMuon(groups(ref, **flags), **kw)
+    opt = CompositionalMuon(groups(ddp, **flags), replicated=every,
+                            process_group=dist.group.WORLD if group else None, **kw)  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        for (name, p), q in zip(ref.named_parameters(), ddp.module.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen)
+            if name == nan:
+                p.grad.view(-1)[0] = float("nan")
+            q.grad = p.grad.clone()
+        opt_ref.step()
+        with CollectiveCounter() as cc:
+            opt.step()
+        differ = []
+        for (name, p), q in zip(ref.named_parameters(), ddp.module.parameters()):
+            m_ref, m = (o.state[x].get("momentum_buffer") for o, x in ((opt_ref, p), (opt, q)))
+            if not torch.equal(p, q):
+                differ.append(name)
+            if (m_ref is None) != (m is None) or (m is not None and not torch.equal(m_ref, m)):
+                differ.append(f"momentum of {name}")
+        comm = opt.comm
+        out.append({
+            "differ": differ,
+            "explicit": cc.explicit,
+            "implicit": cc.implicit,
+            "comm": None if comm is None else (dict(comm.counts), dict(comm.plans),
+                                               dict(comm.sent)),  # fmt: skip
+            "skips": [opt.state[p].get("nonfinite_skips") for p in ddp.module.parameters()],
+            "skips_ref": [opt_ref.state[p].get("nonfinite_skips") for p in ref.parameters()],
+        })  # fmt: skip
+    return out
+
+
+def _split_expected(cfg: dict, flags: dict, world: int, kept: dict | None = None):
+    """Collectives, plans and bytes sent per rank of one split step of ``_ddp_model(cfg)``
+    (fp32): batch b of L_b entries of n_b numbers each sends (W - 1) ceil(L_b / W) n_b 4 bytes
+    in its all_gather (the momentum too with momentum_reproject); the finite check all-reduces
+    one int32 flag per entry plus one, the result check one (2 (W - 1) / W of each, ring).
+    ``kept``: entries left in a batch after "skip" (the finite check still counts them all)."""
+    if "gated" in cfg:
+        d, hq, hkv, dh = 32, 4, 2, 8
+        n = cfg["gated"]
+        attention = {"gated": (n, (2 * hq * dh + 2 * hkv * dh + hq * dh) * d)}
+        muon = {}
+    else:
+        d, hq, hkv, dh = cfg.get("d", 32), cfg.get("hq", 4), cfg.get("hkv", 2), cfg.get("dh", 8)
+        n = cfg.get("n_layer", 2)
+        attention = {"qk": (n, (hq + hkv) * dh * d), "ov": (n, (hkv + hq) * dh * d)}
+        if cfg.get("mha"):
+            attention["mha"] = (1, 4 * d * d)
+        muon = {"fc1": (n, 2 * d * d), "fc2": (n, 2 * d * d)}
+    kept = kept or {}
+    gather = 0
+    for name, (length, numel) in {**attention, **muon}.items():
+        both = 2 if name in attention and flags.get("momentum_reproject") else 1
+        gather += (world - 1) * -(-kept.get(name, length) // world) * numel * 4 * both
+    flags_n = sum(length for length, _ in {**attention, **muon}.values()) + 1
+    ring = 2 * (world - 1) / world
+    counts = {"all_gather": len(attention) + len(muon), "all_reduce": 2}
+    plans = {"replicated_split": len(attention)}
+    if muon:
+        plans["muon_replicated_split"] = len(muon)
+    return counts, plans, {"all_gather": gather, "all_reduce": ring * 4 * (flags_n + 1)}
+
+
+DDP_CASES = {  # name: (model config, flags)
+    "defaults": ({}, {}),
+    "per_head_o_nesterov_renorm": (
+        {},
+        {"hybrid": False, "nesterov": True, "per_mat_renorm": True},
+    ),  # fmt: skip
+    # One-entry chunks (2 layers on 2 and 4 ranks) with a connection compute a neighbour
+    # along (distributed._one_entry_differs): still one all_gather, the same bytes.
+    "joint_connection": ({}, {"method": "joint", "connection": "frobenius"}),
+    "reproject": ({}, {"momentum_reproject": True}),  # the projected momentum is gathered too
+    # 3 layers: chunks (2, 1) on 2 ranks, (1, 1, 1, 0) on 4; the fused MHA is one entry.
+    "uneven_layers_mha": ({"n_layer": 3, "mha": True}, {"connection": "frobenius_scalar"}),
+    # Muon rows in an attention layout step with Muon's momentum (0.95), the pairs with beta
+    "gated_q": ({"gated": 3}, {"beta": 0.9}),
+}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", list(DDP_CASES))
+def test_ddp_split_step_matches_the_single_process_step(world, name):
+    cfg, flags = DDP_CASES[name]
+    counts, plans, sent = _split_expected(cfg, flags, world)
+    for steps in get_pool(world).run(case_ddp, cfg, flags, {}):  # every rank
+        for st in steps:
+            assert st["differ"] == [], st["differ"]
+            assert st["comm"] == (counts, plans, sent), st["comm"]
+            assert st["explicit"] == sum(counts.values()) and st["implicit"] == 0
+
+
+def test_ddp_every_rank_opt_out_needs_no_collective():
+    # replicated="every_rank", or no process group (DDP's plain tensors): every rank computes
+    # the whole step, no communicator, no collective, the same result.
+    for group in (True, False):
+        for steps in get_pool(2).run(case_ddp, {}, {}, {"replicated": "every_rank"}, group):
+            for st in steps:
+                assert st["differ"] == [] and st["comm"] is None
+                assert st["explicit"] == 0 and st["implicit"] == 0
+
+
+def test_ddp_split_nonfinite_gradients():
+    # A NaN in layer 1's k gradient (on every rank, as DDP's all_reduce spreads it). "skip": that
+    # QK group is left out of its batch (3 -> 2 entries), the rest steps as the single process.
+    cfg, bad = {"n_layer": 3}, "blocks.1.k_proj.weight"
+    counts, plans, sent = _split_expected(cfg, {}, 4, kept={"qk": 2})
+    for steps in get_pool(4).run(case_ddp, cfg, {}, {"nonfinite": "skip"}, steps=1, nan=bad):
+        (st,) = steps
+        assert st["differ"] == [] and st["comm"] == (counts, plans, sent), st["comm"]
+        assert st["skips"] == st["skips_ref"] and st["skips"].count(1) == 1
+    with pytest.raises(WorkerError, match="nothing was modified"):  # "raise", on every rank
+        get_pool(4).run(case_ddp, cfg, {}, {}, steps=1, nan=bad)
+
+
+def test_replicated_option_is_validated():
+    with pytest.raises(ValueError, match="replicated"):
+        CompositionalMuon([{"kind": "muon", "params": [nn.Parameter(torch.ones(2, 2))]}],
+                          replicated="scatter")  # fmt: skip
+
+
+def case_ddp_flops(cfg: dict) -> tuple[int, int]:
+    """Matmul flops (FlopCounterMode: the profiler's 2 m n k from the shapes, deterministic,
+    cheaper; bench/ddp_flops.py checks that both agree) of this rank's split step and of the
+    single-process step, on the same model and gradients."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    ref = Net(**cfg)
     ddp = DDP(copy.deepcopy(ref))
     opt_ref = CompositionalMuon(param_groups(ref), lr=0.05)
-    opt = CompositionalMuon(param_groups(ddp), lr=0.05)
-    g = torch.Generator().manual_seed(1)
-    for p, q in zip(ref.parameters(), ddp.parameters()):
-        p.grad = torch.randn(p.shape, generator=g)
+    opt = CompositionalMuon(param_groups(ddp), lr=0.05, process_group=dist.group.WORLD)
+    gen = torch.Generator().manual_seed(1)
+    for p, q in zip(ref.parameters(), ddp.module.parameters()):
+        p.grad = torch.randn(p.shape, generator=gen)
         q.grad = p.grad.clone()
-    opt_ref.step()
-    with CollectiveCounter() as cc:
-        opt.step()
-    same = all(torch.equal(p, q) for p, q in zip(ref.parameters(), ddp.module.parameters()))
-    return same, cc.explicit + cc.implicit, opt.comm
+    return tuple(step_flops(o.step, "dispatch")["matmul"] for o in (opt, opt_ref))
 
 
-def test_ddp_needs_no_collective_in_the_step():
-    for same, collectives, comm in get_pool(2).run(case_ddp):
-        assert same and collectives == 0 and comm is None
+def test_ddp_split_step_flops_per_rank():
+    # 2 layers on 2 ranks: each rank computes one of each batch's 2 entries; what is left is
+    # elementwise (no matmul). bench/ddp_flops.py measures a Llama-shaped model.
+    for mine, single in get_pool(2).run(case_ddp_flops, {}):
+        assert 0 < mine <= 0.6 * single, mine / single
 
 
 def case_dcp_save(path: str):

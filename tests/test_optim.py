@@ -316,3 +316,35 @@ def test_a_pair_with_a_frozen_weight_leaves_its_partner_in_one_group():
     assert len(ids) == len(set(ids)) and set(ids) == trainable
     assert _kinds(groups) == ["ov", "muon", "adamw"]
     assert any(p is model[0].k_proj.weight for p in groups[1]["params"])
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_naming_the_parameter():
+    cfg = GPTConfig(n_layer=1, d_model=64, block_size=32)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    opt = CompositionalMuon(param_groups(model), lr=0.03)
+    _train(model, opt, 2)
+    good = copy.deepcopy(opt.state_dict())
+    before = copy.deepcopy(opt.state_dict())
+    # A momentum buffer of the wrong shape: today's torch loads it and the next step fails
+    # deep inside; the optimizer refuses it first, naming the group and parameter.
+    bad = copy.deepcopy(good)
+    (i, first), *_ = [(i, g["params"][0]) for i, g in enumerate(bad["param_groups"])
+                      if g["kind"] == "qk"]  # fmt: skip
+    bad["state"][first]["momentum_buffer"] = torch.zeros(3, 7)
+    with pytest.raises(ValueError, match=rf"param group {i} \('qk'\), parameter 0 .*"
+                                         r"'momentum_buffer' has shape \(3, 7\)"):  # fmt: skip
+        opt.load_state_dict(bad)
+    wrong_kind = copy.deepcopy(good)
+    wrong_kind["param_groups"][i]["kind"] = "ov"
+    with pytest.raises(ValueError, match=rf"param group {i} \('qk'\): .*'kind' is 'ov'"):
+        opt.load_state_dict(wrong_kind)
+    short = copy.deepcopy(good)
+    short["param_groups"] = short["param_groups"][:-1]
+    with pytest.raises(ValueError, match="param groups"):
+        opt.load_state_dict(short)
+    now = opt.state_dict()  # nothing was loaded
+    for k, st in before["state"].items():
+        for name, v in st.items():
+            assert torch.equal(torch.as_tensor(now["state"][k][name]), torch.as_tensor(v))
+    opt.load_state_dict(good)  # the fitting checkpoint still loads

@@ -1,18 +1,31 @@
-"""Model-wide batching of CompositionalMuon's step (plumbing, no math).
+"""CompositionalMuon's step: a plan built once, then gather, compute, check, commit (no math).
 
-Param groups of equal layout, shapes, dtype, device and options are stepped as one batch:
-their parameters, gradients and momentum buffers are stacked (one op per parameter position),
-the rule runs once on ``(L, H, dh, d)`` head views of the stacks, and the results are written
-back with ``torch._foreach_copy_``. So the number of ops a step dispatches grows with the
-number of *distinct shapes*, not with the number of layers (that is what a GPU's launch
-overhead sees; ``tests/test_batching.py`` counts them). Muon matrices of equal shape share one
-batched sign (3-D parameters are batches of matrices); AdamW runs on ``torch._foreach_*`` ops.
+``build_plan`` reads the param groups once per structure (the groups, their parameters'
+shapes, dtypes and devices, which have gradients, the options, and which groups share a
+learning rate) and makes a ``Plan``: batches of equal layout, shapes and options, each with
+its options resolved for the device and its primitives chosen. ``run_step`` runs a plan:
+
+- gather: one ``torch.stack`` per parameter position for the weights and the gradients; the
+  momentum of plain-tensor parameters *is* a stack: each ``state[p]["momentum_buffer"]`` is a
+  view of the batch's momentum stack, so it is neither stacked nor copied back;
+- compute: the rule once on ``(L, H, dh, d)`` head views of the stacks (or a distributed plan);
+- check: per batch member, whether its gradients and results are finite, on the device.
+  ``nonfinite="skip"`` keeps a member's old weights and momentum where they are not (a
+  ``torch.where``) and counts it in a device tensor: no host read. ``"raise"`` reads one flag
+  for the whole step, before anything is written;
+- commit: one ``torch._foreach_copy_`` per weight position; the new momentum stacks become the
+  state (views again). AdamW runs on ``torch._foreach_*`` ops with its step counts on the
+  device.
+
+So the number of ops a step dispatches grows with the number of *distinct shapes*, not with
+the number of layers (``tests/test_batching.py``), and a step's copies are the stacks of the
+weights and gradients and the weights' write-back (``tests/test_step_costs.py`` counts them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +33,11 @@ import torch
 from torch import Tensor
 
 from cm_triton.dispatch import resolve_options, resolve_primitives
-from cm_triton.functional import all_finite
 from cm_triton.layouts import Heads, Layout, get_layout
 from cm_triton.options import CMOptions
-from cm_triton.reference.muon import muon_direction, muon_shape_factor
-from cm_triton.reference.rule import pair_step
+from cm_triton.reference.adamw import adamw_update
+from cm_triton.reference.muon import muon_update
+from cm_triton.reference.rule import Primitives, pair_step
 
 # How a Muon group's parameters are matrices (``"_t"``: stored (in, out), as GPT-2's Conv1D
 # and GPT-OSS's experts; Muon's shape factor uses the mathematical (out, in) shape).
@@ -37,7 +50,13 @@ __all__ = [
     "group_layout",
     "group_options",
     "check_group",
-    "Step",
+    "Plan",
+    "build_plan",
+    "plan_key",
+    "run_step",
+    "compute_attention",
+    "compute_muon",
+    "local",
 ]
 
 ATTENTION_KINDS = ("qk", "ov", "mha", "attention")
@@ -122,43 +141,193 @@ def check_group(group: dict, where: str) -> None:
         raise ValueError(f"{where}: {e}") from None
 
 
-# -- the batched step ---------------------------------------------------------------------
-def _stack(ts: list[Tensor]) -> Tensor:
-    return torch.stack(ts)
-
-
-def _quick_finite(stack: Tensor) -> Tensor:
-    """``(L, ...) -> (L,)``: True where a finite 2-norm proves every entry finite (NaN and Inf
-    propagate through it; ~20x cheaper than a max-abs pass on the CPU). False may also be an
-    overflow of finite entries: ``_exact_finite`` settles those."""
-    return torch.linalg.vector_norm(stack.flatten(1), 2, dim=1).isfinite()
-
-
-def _exact_finite(stack: Tensor) -> Tensor:
-    return torch.isfinite(stack).flatten(1).all(1)
-
-
+# -- the plan ------------------------------------------------------------------------------
 def local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (a view that writes through), or ``t`` itself."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
 
 
-@dataclass
-class _Batch:
-    """Groups (or matrices) stepped together, with their stacked (local) gradients."""
+def _is_plain(t: Tensor) -> bool:
+    return not callable(getattr(t, "to_local", None))
 
-    key: tuple
-    members: list[Any]  # attention: param groups; muon: (group, parameter)
-    grads: list[Tensor] = field(default_factory=list)  # one (L, ...) stack per position
-    finite: Tensor | None = None  # (L,) after the finite check
+
+@dataclass
+class Batch:
+    """Equal-shaped work stepped together: attention groups of one layout, shapes and options
+    (``members``: the groups), or one Muon group's matrices of one shape (``members``:
+    ``(group, parameter)``)."""
+
+    kind: str  # "attention" | "muon"
+    members: list[Any]
+    params: list[list[Tensor]]  # per position, per member: params[i][l]
+    base: CMOptions  # resolved for the device; eta and weight_decay as at planning
+    prims: Primitives
+    layout: Layout | None
+    nonfinite: str
+    columns: list[bool] = field(default_factory=list)  # per position: heads are its columns
+    momentum: list[Tensor] | None = None  # plain tensors: the momentum stacks (state views)
+    skips: Tensor | None = None  # (L,) int64 on the device: skipped steps, state views
+    _opts: tuple = ()  # (lr, wd, options) of the last step
 
     @property
-    def params(self) -> list[list[Tensor]]:
-        """Parameters per position: ``params[i][l]``."""
-        if self.key[0] == "attention":
-            return [list(ps) for ps in zip(*(g["params"] for g in self.members))]
-        return [[p for _, p in self.members]]
+    def group(self) -> dict:
+        """The group whose keys (lr, momentum, shape, ...) hold for the whole batch."""
+        return self.members[0] if self.kind == "attention" else self.members[0][0]
+
+    @property
+    def counters(self) -> list[Tensor]:
+        """Each member's parameter that counts its skipped steps."""
+        if self.kind == "attention":
+            return [g["params"][0] for g in self.members]
+        return [p for _, p in self.members]
+
+    def options(self) -> CMOptions:
+        """The batch's options with the group's current lr and weight decay (schedulers
+        change them between steps): replaced only when they changed."""
+        lr, wd = self.group["lr"], self.group["weight_decay"]
+        if self._opts[:2] != (lr, wd):
+            self._opts = (lr, wd, dataclasses.replace(self.base, eta=lr, weight_decay=wd))
+        return self._opts[2]
+
+
+@dataclass
+class Plan:
+    """What a step runs: built by ``build_plan``, rebuilt when ``plan_key`` changes."""
+
+    key: tuple
+    batches: list[Batch]
+    adamw: list[dict]
+    raises: bool  # some group has nonfinite="raise": the step reads one flag
+
+
+# Which CM keys fix a batch (all but the per-step ones, read at every step).
+_PLAN_KEYS = CM_KEYS + ("nonfinite", "momentum", "shape", "layout",
+                                          "head_dim", "num_heads", "num_kv_heads")  # fmt: skip
+
+
+def plan_key(groups: list[dict]) -> tuple:
+    """What a plan depends on: per group its kind, options and parameters (shape, dtype,
+    device, whether it has a gradient), and which groups share (lr, weight_decay)."""
+    rates: dict[tuple, int] = {}
+    key = []
+    for g in groups:
+        rate = rates.setdefault((g["lr"], g["weight_decay"]), len(rates))
+        opts = tuple(g.get(k) for k in _PLAN_KEYS) + (g.get("layout_args"),)
+        params = tuple((p.shape, p.dtype, p.device, p.grad is None) for p in g["params"])
+        key.append((g["kind"], rate, opts, params))
+    return tuple(key)
+
+
+def _resolve(group: dict, device: torch.device) -> tuple[CMOptions, Primitives]:
+    opts = resolve_options(group_options(group), device)
+    return opts, resolve_primitives(opts.backend, device)
+
+
+def build_plan(groups: list[dict], state: dict) -> Plan:
+    """Batch the groups' work (see the module doc). Momentum stacks are adopted from the
+    state where it has buffers (after a load), else made at the first commit."""
+    key = plan_key(groups)
+    by_key: dict[tuple, Batch] = {}
+    rates = {id(g): i for i, g in enumerate(groups)}
+    for g in groups:
+        params = g["params"]
+        if g["kind"] in ATTENTION_KINDS:
+            if any(p.grad is None for p in params):  # a group is stepped whole or not at all
+                continue
+            opts, prims = _resolve(g, params[0].device)
+            shape_key = tuple(g.get(k) for k in ("kind", "layout", "head_dim", "num_heads",
+                                                  "num_kv_heads"))  # fmt: skip
+            shape_key += tuple(sorted((g.get("layout_args") or {}).items()))
+            rate = (g["lr"], g["weight_decay"])
+            bkey = ("attention", shape_key, tuple(p.shape for p in params), params[0].dtype,
+                    params[0].device, dataclasses.replace(opts, eta=0.0, weight_decay=0.0),
+                    rate, g["nonfinite"])  # fmt: skip
+            if bkey not in by_key:
+                by_key[bkey] = Batch("attention", [], [[] for _ in params], opts, prims,
+                                     group_layout(g), g["nonfinite"])  # fmt: skip
+            b = by_key[bkey]
+            b.members.append(g)
+            for i, p in enumerate(params):
+                b.params[i].append(p)
+        elif g["kind"] == "muon":
+            for p in params:
+                if p.grad is None:
+                    continue
+                bkey = ("muon", rates[id(g)], tuple(p.shape), p.dtype, p.device)
+                if bkey not in by_key:
+                    opts, prims = _resolve(g, p.device)
+                    by_key[bkey] = Batch("muon", [], [[]], opts, prims, None, g["nonfinite"])
+                by_key[bkey].members.append((g, p))
+                by_key[bkey].params[0].append(p)
+    batches = list(by_key.values())
+    for b in batches:
+        b.columns = _column_positions(b)
+        _adopt_state(b, state)
+    adamw = [g for g in groups if g["kind"] == "adamw"]
+    raises = any(g["nonfinite"] == "raise" for g in groups)
+    return Plan(key, batches, adamw, raises)
+
+
+def _column_positions(b: Batch) -> list[bool]:
+    """Per position, whether its heads are the parameter's columns (o_w of separate
+    linears): such stacks are gathered transposed, so that the heads are contiguous for the
+    batched products (a strided view would be copied by every matmul)."""
+    if b.layout is None:
+        return [False] * len(b.params)
+    axes = [{h.axis for _, h in b.layout.entries() if h.param == i} for i in range(len(b.params))]
+    return [a == {1} for a in axes]
+
+
+def _stack(ts: list[Tensor], columns: bool) -> Tensor:
+    """``(L, R, C)`` from L ``(R, C)`` tensors; ``columns``: stored as ``(L, C, R)`` (its
+    ``.mT``). Either way one copy of the tensors, and a number of ops that does not grow
+    with L (no per-tensor transposes)."""
+    if not columns:
+        return torch.stack(ts)
+    r, c = ts[0].shape[-2:]
+    out = torch.empty((len(ts), c, r), dtype=ts[0].dtype, device=ts[0].device).mT
+    torch._foreach_copy_(list(out.unbind(0)), ts)
+    return out
+
+
+def _adopt_state(b: Batch, state: dict) -> None:
+    """Plain tensors: momentum stacks from the state's buffers, if every member has one (a
+    new plan after a load, or after the groups changed); skip counts likewise."""
+    params = b.params
+    if not all(_is_plain(p) for ps in params for p in ps):
+        return
+    skips = [state.get(p, {}).get("nonfinite_skips", 0) for p in b.counters]
+    b.skips = torch.tensor([int(s) for s in skips], dtype=torch.int64, device=params[0][0].device)
+    if all("momentum_buffer" in state.get(p, {}) for ps in params for p in ps):
+        b.momentum = [_stack([state[p]["momentum_buffer"] for p in ps], c)
+                      for ps, c in zip(params, b.columns)]  # fmt: skip
+        _point_state(b, state)
+
+
+def _point_state(b: Batch, state: dict) -> None:
+    """Make every member's state hold views of the batch's momentum stacks and skip counts."""
+    for ps, stack in zip(b.params, b.momentum):
+        for p, view in zip(ps, stack.unbind(0)):
+            st = state[p]
+            st["momentum_buffer"] = view
+            st.setdefault("nonfinite_skips", 0)
+    for p, view in zip(b.counters, b.skips.unbind(0)):
+        state[p]["nonfinite_skips"] = view
+
+
+# -- computing a batch ----------------------------------------------------------------------
+def _assemble(parts: list[tuple[Heads, Tensor]], like: Tensor) -> Tensor:
+    """One position's new stack from its heads' values: a view of the one value when a single
+    entry covers the whole head axis (q, k, v, o of separate linears), else written into a
+    new tensor."""
+    if len(parts) == 1 and parts[0][0].whole:
+        h, value = parts[0]
+        return h.unview(value).view(like.shape)
+    out = torch.empty_like(like)
+    for h, value in parts:
+        h.write(out, value)
+    return out
 
 
 def compute_attention(
@@ -166,10 +335,11 @@ def compute_attention(
     group: dict, opts: CMOptions, prims,
 ) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
     """The rule on stacked parameters: ``weights[i] (L, *shape_i)`` (and grads, momentum) ->
-    new weight and momentum stacks, each pair read and written through ``layout``'s views."""
+    new weight and momentum stacks, each pair read and written through ``layout``'s views.
+    Nothing is written in place."""
     cdtype = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
-    new_w = [w.clone() for w in weights]
-    new_m = [m.clone() for m in moms]
+    new_w: dict[int, list] = defaultdict(list)
+    new_m: dict[int, list] = defaultdict(list)
 
     def read(role: Heads, stacks: list[Tensor]) -> Tensor:
         return role.heads(stacks[role.param]).to(cdtype)
@@ -180,15 +350,16 @@ def compute_attention(
             read(pr, weights), read(sr, weights), read(pr, grads), read(sr, grads),
             read(pr, moms), read(sr, moms), opts, pair.kind == "ov" and opts.hybrid, prims,
         )  # fmt: skip
-        for role, stacks, value in ((pr, new_w, out[0]), (sr, new_w, out[1]),
-                                    (pr, new_m, out[2]), (sr, new_m, out[3])):  # fmt: skip
-            role.write(stacks[role.param], value)
+        for role, parts, value in ((pr, new_w, out[0]), (sr, new_w, out[1]),
+                                   (pr, new_m, out[2]), (sr, new_m, out[3])):  # fmt: skip
+            parts[role.param].append((role, value))
     for extra in layout.muon:
         w, g, m = (extra.heads(x[extra.param]) for x in (weights, grads, moms))
         w_new, m_new = _muon_rows(w, g, m, group, opts, prims)
-        extra.write(new_w[extra.param], w_new)
-        extra.write(new_m[extra.param], m_new)
-    return new_w, new_m
+        new_w[extra.param].append((extra, w_new))
+        new_m[extra.param].append((extra, m_new))
+    return ([_assemble(new_w[i], w) for i, w in enumerate(weights)],
+            [_assemble(new_m[i], m) for i, m in enumerate(moms)])  # fmt: skip
 
 
 def compute_muon(w: Tensor, g: Tensor, m: Tensor, group: dict, opts: CMOptions, prims):
@@ -197,159 +368,15 @@ def compute_muon(w: Tensor, g: Tensor, m: Tensor, group: dict, opts: CMOptions, 
     flattened); ``"experts"``: a 3-D parameter is a batch of matrices, one sign each."""
     shape = group.get("shape", "matrix")
     mats = (lambda x: x.flatten(2)) if shape.startswith("matrix") else (lambda x: x)
-    w_new, m_new = _muon_math(mats(w), mats(g), mats(m), group, opts, prims,
-                              shape.endswith("_t"))  # fmt: skip
+    w_new, m_new = _muon(mats(w), mats(g), mats(m), group, opts, prims, shape.endswith("_t"))
     return w_new.view(w.shape), m_new.view(m.shape)
 
 
-class Step:
-    """One ``CompositionalMuon.step()``: gather, check, compute, write back.
-
-    ``buffer(p)`` returns the momentum buffer of ``p`` (created on first use); ``state`` is
-    the optimizer's per-parameter state. With DTensor parameters (FSDP2), ``comm`` is the
-    mesh's communicator (``cm_triton.distributed``): every decision is then agreed on by all
-    ranks, and each batch is computed by a distributed plan.
-    """
-
-    def __init__(self, state: dict, buffer: Callable[[Tensor], Tensor], comm=None) -> None:
-        self.state = state
-        self.buffer = buffer
-        self.comm = comm
-
-    # gathering --------------------------------------------------------------------------
-    def attention_batches(self, groups: Iterable[dict]) -> list[_Batch]:
-        batches: dict[tuple, _Batch] = {}
-        for group in groups:
-            params = group["params"]
-            if any(p.grad is None for p in params):  # a group is stepped whole or not at all
-                continue
-            opts = resolve_options(group_options(group), params[0].device)
-            shape_key = tuple(group.get(k) for k in ("kind", "layout", "head_dim", "num_heads",
-                                                      "num_kv_heads"))  # fmt: skip
-            shape_key += tuple(sorted((group.get("layout_args") or {}).items()))
-            key = ("attention", shape_key, tuple(p.shape for p in params), params[0].dtype,
-                   params[0].device, opts, group["nonfinite"])  # fmt: skip
-            batches.setdefault(key, _Batch(key, [])).members.append(group)
-        out = list(batches.values())
-        for b in out:
-            b.grads = [_stack([local(p.grad) for p in ps]) for ps in b.params]
-        return out
-
-    def muon_batches(self, groups: Iterable[dict]) -> list[_Batch]:
-        batches: dict[tuple, _Batch] = {}
-        for group in groups:
-            gopts = {k: group.get(k) for k in ("ns_coefficients", "ns_dtype", "ns_method",
-                                                "ns_restart", "backend")}  # fmt: skip
-            okey = (
-                group["lr"],
-                group["weight_decay"],
-                group["momentum"],
-                group["nonfinite"],
-                group.get("shape", "matrix"),
-                tuple(sorted(gopts.items(), key=str)),
-            )
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                key = ("muon", tuple(p.shape), p.dtype, p.device, okey)
-                batches.setdefault(key, _Batch(key, [])).members.append((group, p))
-        out = list(batches.values())
-        for b in out:
-            b.grads = [_stack([local(p.grad) for _, p in b.members])]
-        return out
-
-    # checks -----------------------------------------------------------------------------
-    def agree(self, flags: Tensor) -> Tensor:
-        """All ranks' logical AND of ``flags`` (a bool vector): one collective, or none."""
-        return flags if self.comm is None else self.comm.all_true(flags)
-
-    def check_finite(self, batches: list[_Batch], others: list[Tensor]) -> bool:
-        """Fill each batch's ``finite`` flags (agreed by all ranks) and return whether every
-        gradient (``others`` too) is finite: one host sync, one collective when sharded."""
-        flags = [torch.stack([_quick_finite(g) for g in b.grads]).all(0) for b in batches]
-        quick = [f.cpu() for f in flags]  # one sync per device in the common case
-        if not all(bool(f.all()) for f in quick):
-            quick = [torch.stack([_exact_finite(g) for g in b.grads]).all(0).cpu() for b in batches]
-        flags = quick + [torch.tensor([all_finite([local(t) for t in others])])]
-        agreed = self.agree(torch.cat(flags))
-        for b, f in zip(batches, agreed[:-1].split([len(f) for f in flags[:-1]])):
-            b.finite = f
-        return bool(agreed.all())
-
-    def results_finite(self, values: list[Tensor]) -> bool:
-        """Whether every new value is finite, agreed by all ranks."""
-        return bool(self.agree(torch.tensor([all_finite(values)])).all())
-
-    def _count_skip(self, p: Tensor) -> None:
-        st = self.state[p]
-        st["nonfinite_skips"] = st.get("nonfinite_skips", 0) + 1
-
-    def _keep_finite(self, b: _Batch, first_param: Callable[[Any], Tensor]) -> _Batch | None:
-        """ "skip" mode: drop the members with a non-finite gradient and count them."""
-        if b.finite is None or bool(b.finite.all()):
-            return b
-        keep = b.finite.nonzero().flatten().tolist()
-        for i in set(range(len(b.members))) - set(keep):
-            self._count_skip(first_param(b.members[i]))
-        if not keep:
-            return None
-        idx = torch.tensor(keep, device=b.grads[0].device)
-        grads = [g.index_select(0, idx) for g in b.grads]
-        return _Batch(b.key, [b.members[i] for i in keep], grads)
-
-    # computing --------------------------------------------------------------------------
-    def _stacks(self, b: _Batch) -> tuple[list, list, list[Tensor], list[Tensor]]:
-        """Local weight and momentum targets per position, and their stacks."""
-        w_loc = [[local(p) for p in ps] for ps in b.params]
-        m_loc = [[local(self.buffer(p)) for p in ps] for ps in b.params]
-        return w_loc, m_loc, [_stack(x) for x in w_loc], [_stack(x) for x in m_loc]
-
-    def run_attention(self, b: _Batch) -> list[tuple[list[Tensor], Tensor]]:
-        """Compute one attention batch; return ``(targets, new stacked values)`` to commit."""
-        b = self._keep_finite(b, lambda g: g["params"][0])
-        if b is None:
-            return []
-        group0 = b.members[0]
-        w_loc, m_loc, weights, moms = self._stacks(b)
-        opts = resolve_options(group_options(group0), weights[0].device)
-        prims = resolve_primitives(opts.backend, weights[0].device)
-        if self.comm is None:
-            new_w, new_m = compute_attention(group_layout(group0), weights, b.grads, moms,
-                                             group0, opts, prims)  # fmt: skip
-        else:
-            new_w, new_m = self.comm.attention(b, weights, b.grads, moms, opts, prims)
-        return list(zip(w_loc, new_w)) + list(zip(m_loc, new_m))
-
-    def run_muon(self, b: _Batch) -> list[tuple[list[Tensor], Tensor]]:
-        b = self._keep_finite(b, lambda m: m[1])
-        if b is None:
-            return []
-        group = b.members[0][0]
-        (w_loc,), (m_loc,), (w,), (m,) = self._stacks(b)
-        prims = resolve_primitives(group.get("backend", "auto"), w.device)
-        opts = resolve_options(group_options(group), w.device)
-        if self.comm is None:
-            w_new, m_new = compute_muon(w, b.grads[0], m, group, opts, prims)
-        else:
-            w_new, m_new = self.comm.muon(b, w, b.grads[0], m, group, opts, prims)
-        return [(w_loc, w_new), (m_loc, m_new)]
-
-
-def _muon_math(w, g, m, group, opts, prims, transposed: bool):
-    """Muon on ``(B, ..., rows, cols)`` stacks (a 3-D parameter is a batch of matrices):
-    nesterov momentum, one msign per matrix, Muon's shape factor of the mathematical
-    ``(out, in)`` shape (``transposed``: stored ``(in, out)``, as GPT-2's ``Conv1D``)."""
-    mom = group["momentum"]
-    m_new = m * mom + g
-    update = g + mom * m_new
-    cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
-    flat = update.to(cdt).reshape(-1, *update.shape[-2:])
-    o = muon_direction(flat, opts.ns_coefficients, opts.ns_dtype, opts.ns_method,
-                       opts.ns_restart, prims.msign).view(update.shape)  # fmt: skip
-    rows, cols = update.shape[-2:]
-    scale = muon_shape_factor(cols, rows) if transposed else muon_shape_factor(rows, cols)
-    lr, wd = group["lr"], group["weight_decay"]
-    return (w * (1 - lr * wd) - (lr * scale) * o).to(w.dtype), m_new
+def _muon(w, g, m, group, opts: CMOptions, prims, transposed: bool):
+    return muon_update(w, g, m, lr=group["lr"], weight_decay=group["weight_decay"],
+                       momentum=group["momentum"], coefficients=opts.ns_coefficients,
+                       dtype=opts.ns_dtype, method=opts.ns_method, restart=opts.ns_restart,
+                       transposed=transposed, msign_fn=prims.msign)  # fmt: skip
 
 
 def _muon_rows(w, g, m, group, opts, prims):
@@ -360,44 +387,208 @@ def _muon_rows(w, g, m, group, opts, prims):
     def flat(x: Tensor) -> Tensor:
         return x.reshape(shape[0], -1, shape[-1])
 
-    w_new, m_new = _muon_math(flat(w), flat(g), flat(m), group, opts, prims, False)
+    w_new, m_new = _muon(flat(w), flat(g), flat(m), group, opts, prims, False)
     return w_new.view(shape), m_new.view(shape)
 
 
-def commit(writes: list[tuple[list[Tensor], Tensor]]) -> None:
-    """Write each new stack into its targets: one ``_foreach_copy_`` per stack."""
-    for targets, value in writes:
-        torch._foreach_copy_(targets, list(value.to(targets[0].dtype).unbind(0)))
+# -- running a step ------------------------------------------------------------------------
+def _quick_finite(stack: Tensor) -> Tensor:
+    """``(L, ...) -> (L,)``: True where a finite 2-norm proves every entry finite (NaN and Inf
+    propagate through it; ~20x cheaper than a max-abs pass on the CPU). False may also be an
+    overflow of finite entries: ``_exact_finite`` settles those."""
+    dims = tuple(range(1, stack.dim()))  # not flatten(1): a strided stack would be copied
+    return torch.linalg.vector_norm(stack, 2, dim=dims).isfinite()
 
 
-def adamw_step(state: dict, group: dict, params: list[Tensor]) -> None:
-    """Decoupled AdamW (Loshchilov & Hutter), bias-corrected, on ``torch._foreach_*`` ops;
-    moments and the step count in ``state`` (per parameter, as ``torch.optim.AdamW``)."""
-    by_dev: dict[tuple, list[Tensor]] = defaultdict(list)
-    for p in params:
-        by_dev[(p.device, p.dtype)].append(p)
-    b1, b2 = group["betas"]
-    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-    for dtensors in by_dev.values():
-        for p in dtensors:
+def _exact_finite(stack: Tensor) -> Tensor:
+    return torch.isfinite(stack).flatten(1).all(1)
+
+
+@dataclass
+class _Computed:
+    batch: Batch
+    weights: list[Tensor]
+    moms: list[Tensor]
+    grads: list[Tensor]
+    new_w: list[Tensor]
+    new_m: list[Tensor]
+    finite: Tensor  # (L,) gradients and results of each member
+
+
+def _momentum_stacks(b: Batch, state: dict) -> list[Tensor]:
+    if b.momentum is not None:
+        return b.momentum
+    out = []
+    for ps, columns in zip(b.params, b.columns):
+        bufs = [state.get(p, {}).get("momentum_buffer") for p in ps]
+        if all(x is None for x in bufs):  # the first step: zeros, made state at commit
+            shape = (len(ps), *local(ps[0]).shape)
+            z = torch.zeros(shape[:1] + shape[1:][::-1] if columns else shape,
+                            dtype=ps[0].dtype, device=ps[0].device)  # fmt: skip
+            out.append(z.mT if columns else z)
+        else:
+            out.append(_stack([local(x) if x is not None else torch.zeros_like(local(p))
+                               for x, p in zip(bufs, ps)], columns))  # fmt: skip
+    return out
+
+
+def _compute(b: Batch, state: dict, comm) -> _Computed:
+    grads = [_stack([local(p.grad) for p in ps], c) for ps, c in zip(b.params, b.columns)]
+    weights = [_stack([local(p) for p in ps], c) for ps, c in zip(b.params, b.columns)]
+    moms = _momentum_stacks(b, state)
+    opts = b.options()
+    if b.kind == "attention":
+        group0 = b.members[0]
+        if comm is None:
+            new_w, new_m = compute_attention(b.layout, weights, grads, moms, group0, opts,
+                                             b.prims)  # fmt: skip
+        else:
+            new_w, new_m = comm.attention(b, weights, grads, moms, opts, b.prims)
+    else:
+        args = (weights[0], grads[0], moms[0], b.group, opts, b.prims)
+        w1, m1 = compute_muon(*args) if comm is None else comm.muon(b, *args)
+        new_w, new_m = [w1], [m1]
+    flags = [_quick_finite(x) for x in (*grads, *new_w, *new_m)]
+    return _Computed(b, weights, moms, grads, new_w, new_m, torch.stack(flags).all(0))
+
+
+def _exactly_finite(c: _Computed) -> tuple[bool, bool]:
+    """(gradients, results) of a batch whose quick check failed, entry by entry."""
+    grads = all(bool(_exact_finite(g).all()) for g in c.grads)
+    results = all(bool(_exact_finite(x).all()) for x in (*c.new_w, *c.new_m))
+    return grads, results
+
+
+def _adamw_groups(plan: Plan, state: dict):
+    """Per AdamW group and device: params, grads, moments and steps (state made here)."""
+    for group in plan.adamw:
+        by_dev: dict[tuple, list[Tensor]] = defaultdict(list)
+        for p in group["params"]:
+            if p.grad is not None:
+                by_dev[(p.device, p.dtype)].append(p)
+        for ps in by_dev.values():
+            yield group, ps
+
+
+def _adamw_finite(plan: Plan, state: dict) -> list[Tensor]:
+    """Per AdamW group and device, each parameter's gradient finite: ``(N,)`` flags."""
+    out = []
+    for _, ps in _adamw_groups(plan, state):
+        norms = torch._foreach_norm([local(p.grad) for p in ps], 2)
+        out.append(torch.stack(norms).isfinite())
+    return out
+
+
+def run_step(plan: Plan, state: dict, comm=None, on_raise=None) -> None:
+    """Run one step of ``plan`` (see the module doc). ``on_raise(kind)`` is called with
+    ``"gradients"`` or ``"results"`` when a ``"raise"`` group cannot step; it must raise."""
+    computed = [_compute(b, state, comm) for b in plan.batches]
+    adam_flags = _adamw_finite(plan, state)
+    flags = [c.finite for c in computed] + adam_flags
+    if comm is not None and flags:  # every rank decides the same
+        sizes = [len(f) for f in flags]
+        flags = list(comm.all_true(torch.cat(flags)).split(sizes))
+    for c, f in zip(computed, flags):
+        c.finite = f
+    adam_flags = flags[len(computed) :]
+    if plan.raises:
+        must = [f for c, f in zip(computed, flags) if c.batch.nonfinite == "raise"]
+        must += [f for (g, _), f in zip(_adamw_groups(plan, state), adam_flags)
+                 if g["nonfinite"] == "raise"]  # fmt: skip
+        if must and not bool(torch.cat(must).all()):  # the step's one host read
+            _settle(computed, plan, state, adam_flags, comm, on_raise)
+    for c in computed:
+        _commit(c, state)
+    for (group, ps), ok in zip(_adamw_groups(plan, state), adam_flags):
+        _adamw(group, ps, state, ok if group["nonfinite"] == "skip" else None)
+
+
+def _settle(computed, plan, state, adam_flags, comm, on_raise) -> None:
+    """The quick check failed somewhere: decide exactly (finite entries can overflow a norm),
+    and raise through ``on_raise`` if a "raise" group really cannot step."""
+    grads_ok, results_ok = True, True
+    for c in computed:
+        if c.batch.nonfinite == "raise" and not bool(c.finite.all()):
+            g, r = _exactly_finite(c)
+            grads_ok, results_ok = grads_ok and g, results_ok and r
+            c.finite = torch.ones_like(c.finite) if g and r else c.finite
+    for (group, ps), f in zip(_adamw_groups(plan, state), adam_flags):
+        if group["nonfinite"] == "raise" and not bool(f.all()):
+            exact = all(bool(torch.isfinite(local(p.grad)).all()) for p in ps)
+            grads_ok = grads_ok and exact
+    ok = torch.tensor([grads_ok, results_ok])
+    if comm is not None:
+        ok = comm.all_true(ok)
+    if not bool(ok[0]):
+        on_raise("gradients")
+    if not bool(ok[1]):
+        on_raise("results")
+
+
+def _commit(c: _Computed, state: dict) -> None:
+    """Write a batch's results: weights through one ``_foreach_copy_`` per position, the
+    momentum stacks as the state (plain tensors) or copied into the buffers (DTensors)."""
+    b = c.batch
+    new_w, new_m = c.new_w, c.new_m
+    if b.nonfinite == "skip":
+        keep = c.finite
+
+        def where(new: Tensor, old: Tensor) -> Tensor:
+            return torch.where(keep.view(-1, *[1] * (new.dim() - 1)), new, old.to(new.dtype))
+
+        new_w = [where(n, o) for n, o in zip(new_w, c.weights)]
+        new_m = [where(n, o) for n, o in zip(new_m, c.moms)]
+    for ps, value in zip(b.params, new_w):
+        torch._foreach_copy_([local(p) for p in ps], list(value.to(ps[0].dtype).unbind(0)))
+    plain = b.skips is not None
+    if plain:
+        b.momentum = [m.to(ps[0].dtype) for m, ps in zip(new_m, b.params)]
+        if b.nonfinite == "skip":
+            b.skips.add_(~c.finite)
+        _point_state(b, state)
+        return
+    for ps, value in zip(b.params, new_m):
+        for p in ps:
             st = state[p]
-            if "step" not in st:
-                st["step"] = torch.zeros((), dtype=torch.float32)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["nonfinite_skips"] = 0
-        params = [local(p) for p in dtensors]  # AdamW is elementwise: shards step alone
-        grads = [local(p.grad) for p in dtensors]
-        steps = [state[p]["step"] for p in dtensors]
-        avg = [local(state[p]["exp_avg"]) for p in dtensors]
-        sq = [local(state[p]["exp_avg_sq"]) for p in dtensors]
-        torch._foreach_add_(steps, 1)
-        t = torch.stack(steps).tolist()
-        torch._foreach_lerp_(avg, grads, 1 - b1)
-        torch._foreach_mul_(sq, b2)
-        torch._foreach_addcmul_(sq, grads, grads, value=1 - b2)
-        denom = torch._foreach_div(sq, [1 - b2**ti for ti in t])
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_addcdiv_(params, avg, denom, [-lr / (1 - b1**ti) for ti in t])
+            if "momentum_buffer" not in st:  # like p: a DTensor with p's placements
+                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["nonfinite_skips"] = 0  # every key exists from the first step (DCP)
+        torch._foreach_copy_([local(state[p]["momentum_buffer"]) for p in ps],
+                             list(value.to(ps[0].dtype).unbind(0)))  # fmt: skip
+    if b.nonfinite == "skip":
+        for p, ok in zip(b.counters, c.finite.tolist()):
+            if not ok:
+                state[p]["nonfinite_skips"] = state[p]["nonfinite_skips"] + 1
+
+
+def _adamw(group: dict, ps: list[Tensor], state: dict, keep: Tensor | None) -> None:
+    """AdamW on one device's parameters of a group (state made on first use; step counts on
+    the device). ``keep`` ("skip" mode): ``(N,)`` flags; a parameter whose gradient is not
+    finite keeps its value, moments and step count, and counts the skip."""
+    for p in ps:
+        st = state[p]
+        if "step" not in st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=local(p).device)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=local(p).device)
+        elif st["step"].device != local(p).device:  # a checkpoint's CPU step counts
+            st["step"] = st["step"].to(local(p).device)
+    names = ("exp_avg", "exp_avg_sq", "step")
+    params = [local(p) for p in ps]
+    tensors = [[local(state[p][n]) for p in ps] for n in names]
+    if keep is not None:
+        old = [torch._foreach_clone(x) for x in (params, *tensors)]
+    adamw_update(params, [local(p.grad) for p in ps], *tensors, lr=group["lr"],
+                 betas=group["betas"], eps=group["eps"],
+                 weight_decay=group["weight_decay"])  # fmt: skip
+    if keep is None:
+        return
+    for i, p in enumerate(ps):  # per parameter: AdamW's parameters differ in shape
+        ok = keep[i]
+        for new, prev in zip((params, *tensors), old):
+            new[i].copy_(torch.where(ok, new[i], prev[i]))
+        st = state[p]
+        if not torch.is_tensor(st["nonfinite_skips"]):
+            st["nonfinite_skips"] = torch.tensor(st["nonfinite_skips"], device=local(p).device)
+        st["nonfinite_skips"].add_(~ok)

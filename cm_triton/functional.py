@@ -162,8 +162,10 @@ def _run(
     p_views = [p_view(named[n], head_dim) for n in p_names]
     s_views = [row_heads(named[n], head_dim) for n in s_names]
     dtype = torch.float64 if named[p_names[0]].dtype == torch.float64 else torch.float32
-    p, gp, mp = (t.to(dtype)[None] for t in p_views)  # a batch of one pair
-    s, gs, ms = (t.to(dtype)[None] for t in s_views)
+    # A batch of one pair, each factor's heads contiguous (o's columns are a strided view):
+    # the optimizer gathers them so, and a batched product rounds by its operands' layout.
+    p, gp, mp = (t.to(dtype).contiguous()[None] for t in p_views)
+    s, gs, ms = (t.to(dtype).contiguous()[None] for t in s_views)
     with torch.no_grad():
         new = pair_step(p, s, gp, gs, mp, ms, opts, kind == "ov" and opts.hybrid, prims)
         new = [t[0] for t in new]

@@ -84,6 +84,17 @@ class Heads:
         v = self.view(w)
         v.copy_(value.reshape(v.shape))
 
+    @property
+    def whole(self) -> bool:
+        """Whether this entry's heads are its parameter's whole head axis, in order."""
+        return self.index == ()
+
+    def unview(self, value: Tensor) -> Tensor:
+        """The inverse of ``heads`` for a ``whole`` entry: ``(..., H, dh, width)`` -> the stored
+        ``(..., R, C)`` form, a view of ``value`` (o's columns: a transposed one)."""
+        x = value.flatten(-3, -2)
+        return x.transpose(-1, -2) if self.axis == 1 else x
+
 
 @dataclass(frozen=True)
 class Pair:

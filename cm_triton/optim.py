@@ -30,7 +30,6 @@ from torch import Tensor
 
 from cm_triton import distributed, engine
 from cm_triton.engine import ATTENTION_KINDS, CM_KEYS, MUON_SHAPES, check_group, group_options
-from cm_triton.functional import all_finite
 
 __all__ = ["CompositionalMuon", "KINDS", "check_cm_keys"]
 
@@ -112,9 +111,11 @@ class CompositionalMuon(torch.optim.Optimizer):
         self.o_sign = o_sign
         distributed.check_replicated(replicated)
         self.replicated = replicated
-        self.comm = process_group  # resolved to a communicator on the first step
+        self.comm = process_group  # resolved to a communicator when the step is planned
+        self._plan: engine.Plan | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._plan = None  # the next step plans anew
         kind = param_group.get("kind")
         if kind not in KINDS:
             raise ValueError(f"param group 'kind' must be one of {KINDS}, got {kind!r}")
@@ -146,37 +147,37 @@ class CompositionalMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        comm = self.comm = distributed.comm_for(self.param_groups, self.comm, self.o_sign,
-                                                  self.replicated)  # fmt: skip
-        run = engine.Step(self.state, self._buffer, comm)
-        if comm is not None:
-            comm.begin_step()
-        kinds = {k: [g for g in self.param_groups if g["kind"] in k] for k in
-                 (ATTENTION_KINDS, ("muon",), ("adamw",))}  # fmt: skip
-        batches = run.attention_batches(kinds[ATTENTION_KINDS])
-        batches += run.muon_batches(kinds[("muon",)])
-        adamw = kinds[("adamw",)]
-        adam_grads = [p.grad for g in adamw for p in g["params"] if p.grad is not None]
-        if not run.check_finite(batches, adam_grads):
-            self._raise_nonfinite()
-        writes = []
-        for b in batches:
-            runner = run.run_attention if b.key[0] == "attention" else run.run_muon
-            writes += runner(b)
-        # Commit only a finite result: finite inputs can still give an undefined step when a
-        # partner Gram is singular and nothing damps it (C^{-1} does not exist).
-        if writes and not run.results_finite([v for _, v in writes]):
-            raise FloatingPointError(
-                "CompositionalMuon produced a non-finite step, so nothing was modified: with "
-                "damping=0.0 a zero or rank-deficient partner head has no inverse root; use "
-                "damping > 0"
-            )
-        engine.commit(writes)
-        for group in adamw:
-            engine.adamw_step(self.state, group, self._finite_params(group, run))
+        key = engine.plan_key(self.param_groups)
+        if self._plan is None or self._plan.key != key:  # planned once per structure
+            self.comm = distributed.comm_for(self.param_groups, self.comm, self.o_sign,
+                                               self.replicated)  # fmt: skip
+            self._plan = engine.build_plan(self.param_groups, self.state)
+        if self.comm is not None:
+            self.comm.begin_step()
+        engine.run_step(self._plan, self.state, self.comm, self._cannot_step)
         return loss
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, after checking that the checkpoint fits
+        these param groups: the same kinds and structure keys per group, and every state
+        tensor of each parameter's shape. A mismatch raises ValueError naming the group and
+        parameter, and nothing is loaded. The next step plans anew (its momentum stacks are
+        made from the loaded buffers)."""
+        check_state_dict(self.param_groups, state_dict)
+        super().load_state_dict(state_dict)
+        self._plan = None
+
     # -- plumbing -------------------------------------------------------------------------
+    def _cannot_step(self, why: str) -> None:
+        """A "raise" group cannot step (``engine.run_step``): nothing was modified."""
+        if why == "gradients":
+            self._raise_nonfinite()
+        raise FloatingPointError(
+            "CompositionalMuon produced a non-finite step, so nothing was modified: with "
+            "damping=0.0 a zero or rank-deficient partner head has no inverse root; use "
+            "damping > 0"
+        )
+
     def _raise_nonfinite(self) -> None:
         """``nonfinite="raise"``: name the group and parameter with a non-finite gradient
         (on this rank, or on another one), before anything has moved."""
@@ -191,42 +192,10 @@ class CompositionalMuon(torch.optim.Optimizer):
                         f"param group {i} ({group['kind']!r}): {what} {tuple(p.shape)} contains "
                         f"non-finite values (nan or inf); nothing was modified"
                     )
-        if any(g["nonfinite"] == "raise" for g in self.param_groups):
-            raise ValueError(
-                "a gradient of another rank contains non-finite values (nan or inf); nothing "
-                "was modified"
-            )
-
-    def _finite_params(self, group: dict, run: engine.Step) -> list[Tensor]:
-        """AdamW's parameters to step; "skip" mode drops (and counts) non-finite ones (each
-        parameter's shard is checked on its own rank: AdamW is elementwise)."""
-        params = [p for p in group["params"] if p.grad is not None]
-        if group["nonfinite"] == "raise" or all_finite([engine.local(p.grad) for p in params]):
-            return params
-        keep = []
-        for p in params:
-            if bool(torch.isfinite(engine.local(p.grad)).all()):
-                keep.append(p)
-            else:
-                st = self.state[p]
-                st["nonfinite_skips"] = st.get("nonfinite_skips", 0) + 1
-        return keep
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``torch.optim.Optimizer.load_state_dict``, after checking that the checkpoint fits
-        these param groups: the same kinds and structure keys per group, and every state
-        tensor of each parameter's shape. A mismatch raises ValueError naming the group and
-        parameter, and nothing is loaded."""
-        check_state_dict(self.param_groups, state_dict)
-        super().load_state_dict(state_dict)
-
-    def _buffer(self, p: Tensor) -> Tensor:
-        state = self.state[p]
-        if "momentum_buffer" not in state:  # like p: a DTensor with p's placements on FSDP2
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["nonfinite_skips"] = 0  # every key exists from the first step (DCP loads
-            # only keys its template has)
-        return state["momentum_buffer"]
+        raise ValueError(
+            "a gradient of another rank contains non-finite values (nan or inf); nothing "
+            "was modified"
+        )
 
 
 def check_cm_keys(options: dict[str, Any]) -> None:

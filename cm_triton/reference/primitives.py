@@ -26,11 +26,11 @@ __all__ = [
 Coefficients = Sequence[tuple[float, float, float]]
 
 
-def _eye_add(x: Tensor, a: float) -> Tensor:
-    """``x + a I`` for a batch of square matrices, out of place."""
-    out = x.clone()
-    out.diagonal(dim1=-2, dim2=-1).add_(a)
-    return out
+def _add_eye_(x: Tensor, a: float) -> Tensor:
+    """``x + a I`` for a batch of square matrices, in place: ``x`` must be a new tensor of the
+    caller's (every call site passes a product or a sum just made), so nothing is copied."""
+    x.diagonal(dim1=-2, dim2=-1).add_(a)
+    return x
 
 
 def normalise(x: Tensor) -> Tensor:
@@ -49,12 +49,12 @@ def gram_polynomial(r: Tensor, coefficients: Coefficients) -> tuple[Tensor, Tens
     r = r.reshape(-1, *shape[-2:])
     q = None
     for a, b, c in coefficients:
-        p = _eye_add(torch.baddbmm(r, r, r, beta=b, alpha=c), a)  # a I + b R + c R^2
+        p = _add_eye_(torch.baddbmm(r, r, r, beta=b, alpha=c), a)  # a I + b R + c R^2
         q = p if q is None else p @ q
         r = (p @ r) @ p
         r = 0.5 * (r + r.mT)  # P and R commute: symmetric in exact arithmetic
     if q is None:
-        q = _eye_add(torch.zeros_like(r), 1.0)
+        q = _add_eye_(torch.zeros_like(r), 1.0)
     return q.view(shape), r.view(shape)
 
 
@@ -138,7 +138,7 @@ def _coupled_newton(a: Tensor, coefficients: Sequence[tuple[float, ...]]) -> Ten
             z = torch.baddbmm(z, p, z, beta=ca, alpha=cb)  # a Z + b P Z
         else:
             ca, cb, cc = step
-            poly = _eye_add(torch.baddbmm(p, p, p, beta=cb, alpha=cc), ca)  # a + b P + c P^2
+            poly = _add_eye_(torch.baddbmm(p, p, p, beta=cb, alpha=cc), ca)  # a + b P + c P^2
             y = torch.bmm(y, poly)
             z = torch.bmm(poly, z)
         y = y.add(y.mT).mul_(0.5)
@@ -182,7 +182,7 @@ def gram(w: Tensor, group_size: int = 1, damping: float = 0.0) -> Tensor:
     """
     *lead, h, dh, _ = w.shape
     a = (w @ w.mT).view(*lead, h // group_size, group_size, dh, dh).sum(-3)
-    return _eye_add(a, damping) if damping else a
+    return _add_eye_(a, damping) if damping else a
 
 
 def apply_root(root: Tensor, x: Tensor) -> Tensor:

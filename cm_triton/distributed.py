@@ -491,18 +491,12 @@ class Comm:
 
 def _one_entry_differs(opts: CMOptions, w: Tensor) -> bool:
     """Whether the step of a one-entry batch can round differently from the same entry in a
-    batch of several (everything else is batch-invariant: 3-D contiguous products):
-
-    - a connection (also in ``momentum_reproject``) folds the batch into the heads
-      (``rule._connect_batched``): o_w's transposed head view flattens to a strided *view*
-      when the batch is one entry but to a contiguous copy otherwise, and the CPU's bmm rounds
-      the two layouts differently;
-    - ``per_mat_renorm`` sums each leg matrix whole (``(B, H, dh, d) -> (B,)``): with one
-      output and several intra-op threads, the CPU splits that one sum over the threads (one
-      output per thread otherwise), another summation order.
+    batch of several (everything else is batch-invariant: 3-D contiguous products on
+    contiguous heads, ``engine.compute_attention``): ``per_mat_renorm`` sums each leg matrix
+    whole (``(B, H, dh, d) -> (B,)``): with one output and several intra-op threads, the CPU
+    splits that one sum over the threads (one output per thread otherwise), another
+    summation order.
     """
-    if opts.connection != "none" or opts.momentum_reproject:
-        return True
     return opts.per_mat_renorm and w.device.type == "cpu" and torch.get_num_threads() > 1
 
 

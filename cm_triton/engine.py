@@ -342,7 +342,10 @@ def compute_attention(
     new_m: dict[int, list] = defaultdict(list)
 
     def read(role: Heads, stacks: list[Tensor]) -> Tensor:
-        return role.heads(stacks[role.param]).to(cdtype)
+        # Contiguous heads whatever the stacks' layout (a batched product rounds by its
+        # operands' layout): the same bits from the optimizer's column-gathered stacks (no
+        # copy here) as from a distributed plan's gathered ones.
+        return role.heads(stacks[role.param]).to(cdtype).contiguous()
 
     for pair in layout.pairs:
         pr, sr = pair.p, pair.s

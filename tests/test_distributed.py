@@ -146,15 +146,15 @@ def _check(results, exact: tuple[str, ...], collectives: dict, plans: dict):
 # (world, model config, flags, optimizer kwargs) -> exact parameters, collectives, plans
 LOCAL_QK = ("q_proj", "k_proj", "fc1", "fc2", "emb", "head", "norm")
 CASES = {
-    # Hq = 8, Hkv = 4: whole heads per rank at 2 and 4 ranks. Collectives per step: the
-    # finite check, the OV Gram all_reduce, the result check; one all_gather (O sign); an
-    # all_to_all pair per Muon shape (fc1, fc2).
+    # Hq = 8, Hkv = 4: whole heads per rank at 2 and 4 ranks. Collectives per step: the OV
+    # Gram all_reduce, one agreement on every finite flag (gradients and results, all
+    # batches); one all_gather (O sign); an all_to_all pair per Muon shape (fc1, fc2).
     "gqa_aligned": (
         {"hq": 8, "hkv": 4},
         {},
         {},
         LOCAL_QK,
-        {"all_reduce": 3, "all_gather": 1, "all_to_all": 4},
+        {"all_reduce": 2, "all_gather": 1, "all_to_all": 4},
         {"qk_local": 1, "ov_sharded": 1, "o_sign_gather": 1, "muon_owner": 2},
     ),
     "mha_per_head_o": (  # hybrid=False: the O legs' Gram restart is a second all_reduce
@@ -162,7 +162,7 @@ CASES = {
         {"hybrid": False},
         {},
         LOCAL_QK,
-        {"all_reduce": 4, "all_to_all": 4},
+        {"all_reduce": 3, "all_to_all": 4},
         {"qk_local": 1, "ov_sharded": 1, "muon_owner": 2},
     ),
     "o_sign_sharded": (  # Newton-Schulz on the sharded width: its norm + 8 Grams all-reduced
@@ -170,7 +170,7 @@ CASES = {
         {},
         {"o_sign": "sharded"},
         LOCAL_QK,
-        {"all_reduce": 12, "all_to_all": 4},
+        {"all_reduce": 11, "all_to_all": 4},
         {"qk_local": 1, "ov_sharded": 1, "o_sign_sharded": 1, "muon_owner": 2},
     ),
     "joint_and_connection": (  # QK stays local; OV with a connection is gathered
@@ -178,7 +178,7 @@ CASES = {
         {"method": "joint", "connection": "frobenius"},
         {},
         LOCAL_QK + ("v_proj", "o_proj"),
-        {"all_reduce": 2, "all_gather": 1, "all_to_all": 4},
+        {"all_reduce": 1, "all_gather": 1, "all_to_all": 4},
         {"qk_local": 1, "gather": 1, "muon_owner": 2},
     ),
     "renorm_gathered": (  # per_mat_renorm needs norms over every head: both pairs gathered
@@ -186,7 +186,7 @@ CASES = {
         {"per_mat_renorm": True},
         {},
         LOCAL_QK + ("v_proj", "o_proj"),
-        {"all_reduce": 2, "all_gather": 2, "all_to_all": 4},
+        {"all_reduce": 1, "all_gather": 2, "all_to_all": 4},
         {"gather": 2, "muon_owner": 2},
     ),
     "fused_mha": (  # nn.MultiheadAttention's in_proj: gathered (bit for bit)
@@ -194,7 +194,7 @@ CASES = {
         {},
         {},
         LOCAL_QK + ("mha",),
-        {"all_reduce": 3, "all_gather": 2, "all_to_all": 4},
+        {"all_reduce": 2, "all_gather": 2, "all_to_all": 4},
         {"qk_local": 1, "ov_sharded": 1, "o_sign_gather": 1, "gather": 1, "muon_owner": 2},
     ),
 }
@@ -215,7 +215,7 @@ def test_unaligned_heads_fall_back_to_gathering():
     _check(
         results,
         LOCAL_QK + ("v_proj", "o_proj"),
-        {"all_reduce": 2, "all_gather": 2, "all_to_all": 4},
+        {"all_reduce": 1, "all_gather": 2, "all_to_all": 4},
         {"gather": 2, "muon_owner": 2},
     )
 
@@ -271,7 +271,7 @@ def test_a_nonfinite_gradient_on_one_rank_is_decided_by_all():
 # With ``process_group=`` and plain (DDP) parameters, each rank steps its contiguous chunk
 # (ceil(L / W) entries) of every batch's L stacked layers and one all_gather per batch brings
 # the new weights; the momentum (elementwise) is computed on every rank. Collectives per step:
-# one all_gather per batch, the finite-gradient all_reduce and the finite-result all_reduce.
+# one all_gather per batch and one all_reduce agreeing on every finite flag of the step.
 # Every case compares parameters AND momentum buffers with the single-process optimizer bit for
 # bit (torch.equal), on every rank.
 
@@ -345,12 +345,11 @@ def case_ddp(cfg: dict, flags: dict, opt_kw: dict, group: bool = True, steps: in
     return out
 
 
-def _split_expected(cfg: dict, flags: dict, world: int, kept: dict | None = None):
+def _split_expected(cfg: dict, flags: dict, world: int):
     """Collectives, plans and bytes sent per rank of one split step of ``_ddp_model(cfg)``
     (fp32): batch b of L_b entries of n_b numbers each sends (W - 1) ceil(L_b / W) n_b 4 bytes
     in its all_gather (the momentum too with momentum_reproject); the finite check all-reduces
-    one int32 flag per entry plus one, the result check one (2 (W - 1) / W of each, ring).
-    ``kept``: entries left in a batch after "skip" (the finite check still counts them all)."""
+    one int32 flag per entry and one per AdamW parameter (2 (W - 1) / W of them, ring)."""
     if "gated" in cfg:
         d, hq, hkv, dh = 32, 4, 2, 8
         n = cfg["gated"]
@@ -363,18 +362,18 @@ def _split_expected(cfg: dict, flags: dict, world: int, kept: dict | None = None
         if cfg.get("mha"):
             attention["mha"] = (1, 4 * d * d)
         muon = {"fc1": (n, 2 * d * d), "fc2": (n, 2 * d * d)}
-    kept = kept or {}
     gather = 0
     for name, (length, numel) in {**attention, **muon}.items():
         both = 2 if name in attention and flags.get("momentum_reproject") else 1
-        gather += (world - 1) * -(-kept.get(name, length) // world) * numel * 4 * both
-    flags_n = sum(length for length, _ in {**attention, **muon}.values()) + 1
+        gather += (world - 1) * -(-length // world) * numel * 4 * both
+    adamw = 0 if "gated" in cfg else 2 + n  # emb, head and one norm per block
+    flags_n = sum(length for length, _ in {**attention, **muon}.values()) + adamw
     ring = 2 * (world - 1) / world
-    counts = {"all_gather": len(attention) + len(muon), "all_reduce": 2}
+    counts = {"all_gather": len(attention) + len(muon), "all_reduce": 1}
     plans = {"replicated_split": len(attention)}
     if muon:
         plans["muon_replicated_split"] = len(muon)
-    return counts, plans, {"all_gather": gather, "all_reduce": ring * 4 * (flags_n + 1)}
+    return counts, plans, {"all_gather": gather, "all_reduce": ring * 4 * flags_n}
 
 
 DDP_CASES = {  # name: (model config, flags)
@@ -418,9 +417,10 @@ def test_ddp_every_rank_opt_out_needs_no_collective():
 
 def test_ddp_split_nonfinite_gradients():
     # A NaN in layer 1's k gradient (on every rank, as DDP's all_reduce spreads it). "skip": that
-    # QK group is left out of its batch (3 -> 2 entries), the rest steps as the single process.
+    # QK group keeps its weights and momentum (masked on the device: the batch still computes
+    # and gathers all 3 entries), the rest steps as the single process.
     cfg, bad = {"n_layer": 3}, "blocks.1.k_proj.weight"
-    counts, plans, sent = _split_expected(cfg, {}, 4, kept={"qk": 2})
+    counts, plans, sent = _split_expected(cfg, {}, 4)
     for steps in get_pool(4).run(case_ddp, cfg, {}, {"nonfinite": "skip"}, steps=1, nan=bad):
         (st,) = steps
         assert st["differ"] == [] and st["comm"] == (counts, plans, sent), st["comm"]

@@ -1,0 +1,110 @@
+"""Deterministic costs of one optimizer step, counted on the CPU (shared by
+``tests/test_step_costs.py`` and ``bench/step_costs.py``).
+
+A ``TorchDispatchMode`` sees every aten op a step dispatches and its tensors: the bytes of the
+copying ops (each op's inputs and outputs, in units of the model's parameter bytes), the host
+reads of tensor values (``_local_scalar_dense``: ``bool()``, ``.item()``, ``.tolist()``; each is
+a device sync on CUDA) and the number of ops. Copies that Triton's interpreter makes of a
+kernel's arguments (it has no GPU memory to launch in) are not the package's and are left out.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+COPIES = ("stack", "cat", "clone", "copy_", "_foreach_copy_", "_to_copy", "index_select",
+          "contiguous")  # fmt: skip
+HOST_READS = ("_local_scalar_dense", "nonzero", "equal", "is_nonzero")
+
+
+def _in_interpreter() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.endswith("triton/runtime/interpreter.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class StepCounter(TorchDispatchMode):
+    """Copy bytes by op, host reads by op, and the op count of what runs inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: Counter = Counter()
+        self.reads: Counter = Counter()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in COPIES and _in_interpreter():
+            return out
+        self.ops += 1
+        if name in HOST_READS:
+            self.reads[name] += 1
+        if name in COPIES:
+            leaves = tree_flatten((args, kwargs, out))[0]
+            tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+            self.copies[name] += sum(t.numel() * t.element_size() for t in tensors)
+        return out
+
+
+class Block(nn.Module):
+    """A Llama-shaped block: GQA attention (q/k/v/o), a SwiGLU MLP, an RMSNorm."""
+
+    def __init__(self, d: int, hq: int, hkv: int, dh: int, hidden: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = hq, hkv, dh
+        self.q_proj = nn.Linear(d, hq * dh, bias=False)
+        self.k_proj = nn.Linear(d, hkv * dh, bias=False)
+        self.v_proj = nn.Linear(d, hkv * dh, bias=False)
+        self.o_proj = nn.Linear(hq * dh, d, bias=False)
+        self.gate = nn.Linear(d, hidden, bias=False)
+        self.up = nn.Linear(d, hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+        self.norm = nn.RMSNorm(d)
+
+
+class Llama(nn.Module):
+    """A Llama-shaped model: ``n`` blocks of width ``d``, 8 query / 2 KV heads, an embedding
+    and an output head (the shapes of the issue's measurement: 4 blocks, d 256)."""
+
+    def __init__(self, n: int = 4, d: int = 256, vocab: int = 64) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d, 8, 2, d // 8, 688 * d // 256) for _ in range(n))
+        self.head = nn.Linear(d, vocab, bias=False)
+
+
+@dataclass
+class Costs:
+    copies: float  # copy bytes / parameter bytes
+    by_op: dict[str, float]
+    reads: int
+    ops: int
+
+
+def step_costs(model: nn.Module, make_optimizer, steps_before: int = 1) -> Costs:
+    """The costs of a steady-state step (after ``steps_before`` steps made the state) of
+    ``make_optimizer(model)``, with random gradients."""
+    gen = torch.Generator().manual_seed(0)
+    opt = make_optimizer(model)
+    for _ in range(steps_before + 1):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        if _ < steps_before:
+            opt.step()
+    counter = StepCounter()
+    with counter:
+        opt.step()
+    pbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    by_op = {k: v / pbytes for k, v in counter.copies.items()}
+    return Costs(sum(by_op.values()), by_op, sum(counter.reads.values()), counter.ops)

@@ -1,0 +1,128 @@
+"""What a step costs, counted (deterministic, CPU): copies, host reads, ops, graph breaks,
+planning. The model is Llama-shaped (4 blocks, d 256, 8/2 heads; ``step_costs.Llama``).
+
+Before this design (the 2026-12-01 measurement of the issue): copies 18.2x the parameter
+bytes, 12 host reads with nonfinite="raise" and 13 with "skip", 28 graph breaks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from step_costs import Llama, step_costs
+
+from cm_triton import CompositionalMuon, engine, param_groups
+from cm_triton.options import CMOptions
+
+
+def _cm(**kw):
+    return lambda model: CompositionalMuon(param_groups(model), lr=0.02, **kw)
+
+
+# Copies of the reference path: the weights and gradients are stacked once (2 units each:
+# read and write) and the weights written back once (2): 6 units of the CM and Muon share of
+# the parameters (all but the embedding, head and norms: 98.8% here) = 5.93, plus the dh x dh
+# algebra's few small contiguous copies (0.12). The momentum is neither stacked nor copied
+# back (the state is a view of the batch's stack).
+REFERENCE_COPIES = 6.1
+
+
+def test_a_step_copies_the_weights_and_gradients_once():
+    torch.manual_seed(0)
+    costs = step_costs(Llama(), _cm())
+    assert costs.copies <= REFERENCE_COPIES, costs.by_op
+    assert costs.by_op["stack"] < 3.6 and costs.by_op["_foreach_copy_"] < 2.4, costs.by_op
+    assert costs.by_op.get("clone", 0) < 0.1, costs.by_op
+
+
+def test_the_kernel_path_stages_no_more_than_the_reference():
+    # backend="triton" (the interpreter here; its own argument copies are not counted). The
+    # kernels still read stacks, so the staging copies (stacks and the write-back) are the
+    # reference's 6 units; reading each layer where it lives (pointer tables) is still open.
+    # Besides them, the dh x dh kernels pad their small matrices to a block (scratch of
+    # ~dh^2 per head against the head's dh x d): 1.0 of the parameter bytes at this tiny
+    # d = 64 (dh 8 padded to 16), a few percent at d 256.
+    torch.manual_seed(0)
+    costs = step_costs(Llama(n=1, d=64), _cm(backend="triton"))
+    staging = costs.by_op["stack"] + costs.by_op["_foreach_copy_"]
+    assert staging <= 6.0 and costs.copies <= staging + 1.5, costs.by_op
+
+
+@pytest.mark.parametrize("nonfinite, reads", [("skip", 0), ("raise", 1)])
+def test_host_reads_per_step(nonfinite, reads):
+    # "skip": a non-finite member is masked on the device and counted in a device tensor;
+    # "raise": one flag for the whole step, read before anything is written.
+    torch.manual_seed(0)
+    assert step_costs(Llama(), _cm(nonfinite=nonfinite)).reads == reads
+
+
+def test_ops_per_step_do_not_grow_with_depth():
+    # (With nonfinite="skip", AdamW masks each of its parameters on its own: its ops grow
+    # with the number of AdamW parameters, the norms of every layer.)
+    two, eight = (step_costs(Llama(n=n, d=64), _cm()).ops for n in (2, 8))
+    assert two == eight and two > 100, (two, eight)
+
+
+def test_a_step_does_not_plan(monkeypatch):
+    # The plan (batches, resolved options, primitives) is built once per structure: a steady
+    # step validates no options and builds no plan; a new lr (a scheduler) only replaces the
+    # batches' eta, once per batch; a new param group or a load plans again.
+    torch.manual_seed(0)
+    model = Llama(n=2, d=64)
+    opt = CompositionalMuon(param_groups(model), lr=0.02)
+    calls = {"post_init": 0, "plan": 0}
+    post_init, build = CMOptions.__post_init__, engine.build_plan
+
+    def counting_post_init(self):
+        calls["post_init"] += 1
+        post_init(self)
+
+    def counting_build(*a, **kw):
+        calls["plan"] += 1
+        return build(*a, **kw)
+
+    monkeypatch.setattr(CMOptions, "__post_init__", counting_post_init)
+    monkeypatch.setattr(engine, "build_plan", counting_build)
+
+    def step():
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+
+    step()
+    assert calls["plan"] == 1
+    calls.update(post_init=0)
+    step()
+    assert calls == {"post_init": 0, "plan": 1}
+    for g in opt.param_groups:
+        g["lr"] *= 0.5
+    step()
+    batches = len(opt._plan.batches)
+    assert calls == {
+        "post_init": sum(b.kind == "attention" for b in opt._plan.batches)
+        + sum(b.kind == "muon" for b in opt._plan.batches),
+        "plan": 1,
+    }, batches
+    opt.load_state_dict(opt.state_dict())
+    step()
+    assert calls["plan"] == 2
+
+
+@pytest.mark.parametrize("nonfinite, breaks", [("skip", 0), ("raise", 1)])
+def test_torch_compile_traces_the_step_whole(nonfinite, breaks):
+    # torch._dynamo.explain counts the graph breaks of the steady-state step: "skip" reads
+    # nothing back, so the step is one graph; "raise" breaks once, at its one host read.
+    torch.manual_seed(0)
+    model = Llama(n=1, d=32)
+    opt = CompositionalMuon(param_groups(model), lr=0.02, nonfinite=nonfinite)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        if _ == 0:
+            opt.step()
+    torch._dynamo.reset()
+    try:
+        explained = torch._dynamo.explain(opt.step)()
+    finally:
+        torch._dynamo.reset()
+    assert explained.graph_break_count == breaks, [r.reason for r in explained.break_reasons]

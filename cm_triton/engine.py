@@ -199,6 +199,7 @@ class Plan:
     batches: list[Batch]
     adamw: list[dict]
     raises: bool  # some group has nonfinite="raise": the step reads one flag
+    in_place: bool = False  # capturable: momentum written into its stacks, never replaced
 
 
 # Which CM keys fix a batch (all but the per-step ones, read at every step).
@@ -224,9 +225,11 @@ def _resolve(group: dict, device: torch.device) -> tuple[CMOptions, Primitives]:
     return opts, resolve_primitives(opts.backend, device)
 
 
-def build_plan(groups: list[dict], state: dict) -> Plan:
+def build_plan(groups: list[dict], state: dict, in_place: bool = False) -> Plan:
     """Batch the groups' work (see the module doc). Momentum stacks are adopted from the
-    state where it has buffers (after a load), else made at the first commit."""
+    state where it has buffers (after a load), else made at the first commit. ``in_place``:
+    every later commit writes the momentum into those stacks (their addresses never change,
+    as a CUDA graph's replay needs) instead of making the new stacks the state."""
     key = plan_key(groups)
     by_key: dict[tuple, Batch] = {}
     rates = {id(g): i for i, g in enumerate(groups)}
@@ -266,7 +269,7 @@ def build_plan(groups: list[dict], state: dict) -> Plan:
         _adopt_state(b, state)
     adamw = [g for g in groups if g["kind"] == "adamw"]
     raises = any(g["nonfinite"] == "raise" for g in groups)
-    return Plan(key, batches, adamw, raises)
+    return Plan(key, batches, adamw, raises, in_place)
 
 
 def _column_positions(b: Batch) -> list[bool]:
@@ -501,7 +504,7 @@ def run_step(plan: Plan, state: dict, comm=None, on_raise=None) -> None:
         if must and not bool(torch.cat(must).all()):  # the step's one host read
             _settle(computed, plan, state, adam_flags, comm, on_raise)
     for c in computed:
-        _commit(c, state)
+        _commit(c, state, plan.in_place)
     for (group, ps), ok in zip(_adamw_groups(plan, state), adam_flags):
         _adamw(group, ps, state, ok if group["nonfinite"] == "skip" else None)
 
@@ -528,9 +531,10 @@ def _settle(computed, plan, state, adam_flags, comm, on_raise) -> None:
         on_raise("results")
 
 
-def _commit(c: _Computed, state: dict) -> None:
+def _commit(c: _Computed, state: dict, in_place: bool) -> None:
     """Write a batch's results: weights through one ``_foreach_copy_`` per position, the
-    momentum stacks as the state (plain tensors) or copied into the buffers (DTensors)."""
+    momentum stacks as the state (plain tensors; ``in_place``: copied into the state's
+    stacks) or copied into the buffers (DTensors)."""
     b = c.batch
     new_w, new_m = c.new_w, c.new_m
     if b.nonfinite == "skip":
@@ -545,7 +549,11 @@ def _commit(c: _Computed, state: dict) -> None:
         torch._foreach_copy_([local(p) for p in ps], list(value.to(ps[0].dtype).unbind(0)))
     plain = b.skips is not None
     if plain:
-        b.momentum = [m.to(ps[0].dtype) for m, ps in zip(new_m, b.params)]
+        if in_place and b.momentum is not None:
+            for stack, value in zip(b.momentum, new_m):
+                stack.copy_(value)
+        else:
+            b.momentum = [m.to(ps[0].dtype) for m, ps in zip(new_m, b.params)]
         if b.nonfinite == "skip":
             b.skips.add_(~c.finite)
         _point_state(b, state)

@@ -66,12 +66,20 @@ class CompositionalMuon(torch.optim.Optimizer):
             ``"split"`` (default): each rank steps its share of every batch's layers and one
             all_gather per batch brings the new weights; ``"every_rank"``: every rank computes
             the whole step, no collective. No effect without a process group.
+        capturable: a step a CUDA graph can capture (as ``torch.optim``'s flag): every
+            group must use ``nonfinite="skip"`` (a step then reads nothing back), and the
+            momentum is written into the same stacks each step (one copy of it more) so
+            that its addresses never change. Make the first step eagerly, keep the
+            gradients' storage (``zero_grad(set_to_none=False)``), and capture again after
+            changing the lr (it is a constant of the captured graph).
         **cm_options: defaults for CM flags (``method``, ``connection``, ``damping``,
             ``ns_method``, ...); ``beta`` is CM's momentum.
 
-    A step stacks equal-shaped groups across layers and runs each batch once, so its op count
-    does not grow with depth. A step whose result would be non-finite (an undamped singular
-    partner) raises ``FloatingPointError`` and changes nothing.
+    A step is planned once per structure of the groups (``cm_triton.engine``), stacks
+    equal-shaped groups across layers and runs each batch once, so its op count does not grow
+    with depth. With ``nonfinite="raise"`` it reads one flag on the host; a step whose result
+    would be non-finite (an undamped singular partner) then raises ``FloatingPointError`` and
+    changes nothing. With ``"skip"`` it reads nothing back: such a group keeps its weights.
     """
 
     def __init__(
@@ -88,11 +96,14 @@ class CompositionalMuon(torch.optim.Optimizer):
         process_group: Any = None,
         o_sign: str = "auto",
         replicated: str = "split",
+        capturable: bool = False,
         **cm_options: Any,
     ) -> None:
         check_cm_keys(cm_options)
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        if not isinstance(capturable, bool):
+            raise ValueError(f"capturable must be a bool, got {capturable!r}")
         for name, value, high in (("adamw_lr", adamw_lr, math.inf), ("momentum", momentum, 1.0),
                                   ("eps", eps, math.inf)):  # fmt: skip
             if not (isinstance(value, (int, float)) and 0 <= value < high):
@@ -113,6 +124,9 @@ class CompositionalMuon(torch.optim.Optimizer):
         self.replicated = replicated
         self.comm = process_group  # resolved to a communicator when the step is planned
         self._plan: engine.Plan | None = None
+        self.capturable = capturable
+        if capturable:
+            self._check_capturable()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._plan = None  # the next step plans anew
@@ -151,7 +165,9 @@ class CompositionalMuon(torch.optim.Optimizer):
         if self._plan is None or self._plan.key != key:  # planned once per structure
             self.comm = distributed.comm_for(self.param_groups, self.comm, self.o_sign,
                                                self.replicated)  # fmt: skip
-            self._plan = engine.build_plan(self.param_groups, self.state)
+            if self.capturable and self._plan is None:
+                self._check_capturable()
+            self._plan = engine.build_plan(self.param_groups, self.state, self.capturable)
         if self.comm is not None:
             self.comm.begin_step()
         engine.run_step(self._plan, self.state, self.comm, self._cannot_step)
@@ -168,6 +184,16 @@ class CompositionalMuon(torch.optim.Optimizer):
         self._plan = None
 
     # -- plumbing -------------------------------------------------------------------------
+    def _check_capturable(self) -> None:
+        """A captured step may not read anything back: every group must use "skip"."""
+        for i, g in enumerate(self.param_groups):
+            if g["nonfinite"] != "skip":
+                raise ValueError(
+                    f"capturable=True needs nonfinite='skip' in every group (a 'raise' step "
+                    f"reads one flag on the host, which a CUDA graph cannot); param group {i} "
+                    f"({g['kind']!r}) has nonfinite={g['nonfinite']!r}"
+                )
+
     def _cannot_step(self, why: str) -> None:
         """A "raise" group cannot step (``engine.run_step``): nothing was modified."""
         if why == "gradients":

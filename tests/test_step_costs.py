@@ -126,3 +126,34 @@ def test_torch_compile_traces_the_step_whole(nonfinite, breaks):
     finally:
         torch._dynamo.reset()
     assert explained.graph_break_count == breaks, [r.reason for r in explained.break_reasons]
+
+
+def test_capturable_steps_the_same_in_place():
+    # capturable=True writes the momentum into the same stacks (a CUDA graph replays fixed
+    # addresses): the same bits as the default, buffers that never move, no host read.
+    torch.manual_seed(0)
+    a = Llama(n=2, d=64)
+    b = Llama(n=2, d=64)
+    b.load_state_dict(a.state_dict())
+    opt_a = CompositionalMuon(param_groups(a), lr=0.02, nonfinite="skip")
+    opt_b = CompositionalMuon(param_groups(b), lr=0.02, nonfinite="skip", capturable=True)
+    gen = torch.Generator().manual_seed(1)
+    addresses = None
+    for _ in range(3):
+        for p, q in zip(a.parameters(), b.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt_a.step()
+        opt_b.step()
+        now = [opt_b.state[q]["momentum_buffer"].data_ptr() for q in b.parameters()
+               if "momentum_buffer" in opt_b.state[q]]  # fmt: skip
+        assert addresses is None or now == addresses
+        addresses = now
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+        for key in ("momentum_buffer", "exp_avg"):
+            if key in opt_a.state[p]:
+                assert torch.equal(opt_a.state[p][key], opt_b.state[q][key])
+    assert step_costs(Llama(n=2, d=64), _cm(nonfinite="skip", capturable=True)).reads == 0
+    with pytest.raises(ValueError, match="capturable=True needs nonfinite='skip'"):
+        CompositionalMuon(param_groups(a), lr=0.02, capturable=True)

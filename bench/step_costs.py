@@ -1,0 +1,58 @@
+"""What one optimizer step costs, counted: ``python bench/step_costs.py`` (a markdown table).
+
+Copies (bytes of stack/cat/clone/copy ops, inputs and outputs, over the parameter bytes),
+host reads of tensor values and aten ops of a steady-state step on the Llama-shaped model of
+``tests/step_costs.py`` (4 blocks, d 256, 8/2 heads), for CompositionalMuon and for
+torch.optim's AdamW and Muon on the same model. Deterministic: counts, not timings.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from step_costs import Llama, step_costs  # noqa: E402
+
+from cm_triton import CompositionalMuon, param_groups  # noqa: E402
+
+
+class _MuonAndAdamW:
+    def __init__(self, model) -> None:
+        hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and "emb" not in n
+                  and "head" not in n]  # fmt: skip
+        rest = [p for p in model.parameters() if all(p is not q for q in hidden)]
+        self.opts = (torch.optim.Muon(hidden, lr=0.02),
+                     torch.optim.AdamW(rest, lr=1e-3, foreach=True))  # fmt: skip
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+
+CASES = {
+    "CompositionalMuon, nonfinite='raise'": lambda m: CompositionalMuon(param_groups(m), lr=0.02),
+    "CompositionalMuon, nonfinite='skip'": lambda m: CompositionalMuon(
+        param_groups(m), lr=0.02, nonfinite="skip"),
+    "CompositionalMuon, capturable=True": lambda m: CompositionalMuon(
+        param_groups(m), lr=0.02, nonfinite="skip", capturable=True),
+    "torch.optim.AdamW(foreach=True)": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3,
+                                                                   foreach=True),
+    "torch.optim.Muon + AdamW(foreach=True)": _MuonAndAdamW,
+}  # fmt: skip
+
+
+def main() -> None:
+    print("| optimizer | copies (x parameter bytes) | by op | host reads | aten ops |")
+    print("|---|---|---|---|---|")
+    for name, make in CASES.items():
+        torch.manual_seed(0)
+        c = step_costs(Llama(), make)
+        ops = ", ".join(f"{k} {v:.2f}" for k, v in sorted(c.by_op.items()))
+        print(f"| {name} | {c.copies:.2f} | {ops} | {c.reads} | {c.ops} |")
+
+
+if __name__ == "__main__":
+    main()

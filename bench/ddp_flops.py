@@ -30,47 +30,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from dist_harness import DistPool, step_flops  # noqa: E402
+from step_costs import Llama  # noqa: E402
 
 from cm_triton import CompositionalMuon, param_groups  # noqa: E402
 
-CFG = dict(n_layer=4, d=256, hq=8, hkv=2, dh=32, ffn=768, vocab=1024)
-
-
-class Attention(nn.Module):
-    def __init__(self, d: int, hq: int, hkv: int, dh: int) -> None:
-        super().__init__()
-        self.num_heads, self.num_key_value_heads, self.head_dim = hq, hkv, dh
-        self.q_proj = nn.Linear(d, hq * dh, bias=False)
-        self.k_proj = nn.Linear(d, hkv * dh, bias=False)
-        self.v_proj = nn.Linear(d, hkv * dh, bias=False)
-        self.o_proj = nn.Linear(hq * dh, d, bias=False)
-
-
-class Mlp(nn.Module):
-    def __init__(self, d: int, ffn: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(d, ffn, bias=False)
-        self.up_proj = nn.Linear(d, ffn, bias=False)
-        self.down_proj = nn.Linear(ffn, d, bias=False)
-
-
-class Layer(nn.Module):
-    def __init__(self, d: int, hq: int, hkv: int, dh: int, ffn: int) -> None:
-        super().__init__()
-        self.input_layernorm = nn.RMSNorm(d)
-        self.self_attn = Attention(d, hq, hkv, dh)
-        self.post_attention_layernorm = nn.RMSNorm(d)
-        self.mlp = Mlp(d, ffn)
-
-
-class TinyLlama(nn.Module):
-    def __init__(self, n_layer: int, d: int, hq: int, hkv: int, dh: int, ffn: int,
-                 vocab: int) -> None:  # fmt: skip
-        super().__init__()
-        self.embed_tokens = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList(Layer(d, hq, hkv, dh, ffn) for _ in range(n_layer))
-        self.norm = nn.RMSNorm(d)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
+CFG = dict(n=4, d=256, hq=8, hkv=2, hidden=768, vocab=1024)  # heads of 32
 
 
 def _grads(model: nn.Module, gen: torch.Generator) -> None:
@@ -82,7 +46,7 @@ def measure(cfg: dict, replicated: str | None, steps: int = 2, **opt_kw) -> dict
     """One rank's (or, ``replicated=None``, one process's) flops of the last of ``steps``
     optimizer steps, with the step's collectives and bytes."""
     torch.manual_seed(0)
-    model = TinyLlama(**cfg)
+    model = Llama(**cfg)
     kw = dict(lr=0.02, **opt_kw)
     if replicated is None:
         opt = CompositionalMuon(param_groups(model), **kw)
@@ -138,7 +102,7 @@ def main() -> None:
             f"{max(tot) / one['total']:.3f} | {calls} | {sent:.1f} |"
         )
     c = CFG
-    n_params = sum(p.numel() for p in TinyLlama(**CFG).parameters())
+    n_params = sum(p.numel() for p in Llama(**CFG).parameters())
     ddp_kb = {w: 2 * (w - 1) / w * 4 * n_params / 1e3 for w in (2, 4)}
     text = "\n".join(
         [
@@ -148,8 +112,9 @@ def main() -> None:
             f"{platform.machine()} CPU with {torch.get_num_threads()} thread per process on a "
             f"2-core machine, gloo; flops from `torch.profiler.profile(with_flops=True)` (the sum "
             f"of `evt.flops` over the events of one `opt.step()`, deterministic), not timings.",
-            f"Model: Llama-shaped, {c['n_layer']} blocks, d {c['d']}, {c['hq']} query / "
-            f"{c['hkv']} KV heads of {c['dh']}, SwiGLU MLP {c['ffn']}, vocabulary {c['vocab']}; "
+            f"Model: Llama-shaped (`tests/step_costs.Llama`), {c['n']} blocks, d {c['d']}, "
+            f"{c['hq']} query / {c['hkv']} KV heads of {c['d'] // c['hq']}, SwiGLU MLP "
+            f"{c['hidden']}, vocabulary {c['vocab']}; "
             f"fp32, CM defaults (lr 0.02), `param_groups(ddp)`, "
             f"`process_group=dist.group.WORLD`.",
             "",
@@ -157,8 +122,8 @@ def main() -> None:
             "",
             "Batches: QK and OV (4 layers each), Muon gate+up (8 matrices of 768 x 256) and down "
             "(4 of 256 x 768); each is split into contiguous chunks of ceil(L / W) layers, one "
-            "all_gather of the new weights per batch; two one-flag all_reduces agree on "
-            "non-finite gradients and results. The rest of a split rank's flops are the "
+            "all_gather of the new weights per batch; one all_reduce agrees on every finite "
+            "flag of the step (gradients and results). The rest of a split rank's flops are the "
             "elementwise momentum of every layer (computed on every rank, so nothing more is "
             "sent) and AdamW on the embedding, head and norms (not split). `every_rank`: the "
             "old behaviour, every rank computes the whole step, no collective.",

@@ -39,7 +39,7 @@ if "--dry-run" in sys.argv:  # the kernels through the interpreter: set before t
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from step_costs import Llama  # noqa: E402
+from step_costs import Llama, hidden_matrices  # noqa: E402
 
 from cm_triton import CompositionalMuon, cm_ov, cm_qk, param_groups  # noqa: E402
 
@@ -135,11 +135,6 @@ def phases(shape, device, reps) -> list[str]:
     return rows
 
 
-def _hidden(model):
-    return [p for n, p in model.named_parameters() if p.ndim == 2 and "emb" not in n
-            and "head" not in n]  # fmt: skip
-
-
 def steps(layer, model_cfg, device, reps) -> list[str]:
     rows = ["| case | dtype | CompositionalMuon ms | torch.optim.Muon ms | ratio |",
             "|---|---|---|---|---|"]  # fmt: skip
@@ -162,7 +157,7 @@ def steps(layer, model_cfg, device, reps) -> list[str]:
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-3
         opt = CompositionalMuon(param_groups(model), lr=0.02)
-        hidden = _hidden(model)
+        hidden = hidden_matrices(model)
         rest = [p for p in model.parameters() if all(p is not q for q in hidden)]
         tm, ta = torch.optim.Muon(hidden, lr=0.02), torch.optim.AdamW(rest, lr=1e-3, foreach=True)
 
@@ -233,7 +228,7 @@ def host(device, reps) -> list[str]:
     model = Llama(n=4, d=32).to(device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    hidden = _hidden(model)
+    hidden = hidden_matrices(model)
     rest = [p for p in model.parameters() if all(p is not q for q in hidden)]
     tm, ta = torch.optim.Muon(hidden, lr=0.02), torch.optim.AdamW(rest, lr=1e-3, foreach=True)
     cases = {

@@ -14,15 +14,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from step_costs import Llama, step_costs  # noqa: E402
+from step_costs import Llama, hidden_matrices, step_costs  # noqa: E402
 
 from cm_triton import CompositionalMuon, param_groups  # noqa: E402
 
 
 class _MuonAndAdamW:
     def __init__(self, model) -> None:
-        hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and "emb" not in n
-                  and "head" not in n]  # fmt: skip
+        hidden = hidden_matrices(model)
         rest = [p for p in model.parameters() if all(p is not q for q in hidden)]
         self.opts = (torch.optim.Muon(hidden, lr=0.02),
                      torch.optim.AdamW(rest, lr=1e-3, foreach=True))  # fmt: skip

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from step_costs import Llama  # noqa: E402
+from step_costs import Llama, hidden_matrices  # noqa: E402
 
 from cm_triton import CompositionalMuon, param_groups  # noqa: E402
 
@@ -36,17 +36,12 @@ class Both:
             o.step()
 
 
-def _hidden(model):
-    return [p for n, p in model.named_parameters() if p.ndim == 2 and "emb" not in n
-            and "head" not in n]  # fmt: skip
-
-
 OPTIMIZERS = {
     "adamw_foreach": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True),
     "torch_muon": lambda m: Both(
-        torch.optim.Muon(_hidden(m), lr=0.02),
+        torch.optim.Muon(hidden_matrices(m), lr=0.02),
         torch.optim.AdamW(
-            [p for p in m.parameters() if all(p is not q for q in _hidden(m))],
+            [p for p in m.parameters() if all(p is not q for q in hidden_matrices(m))],
             lr=1e-3,
             foreach=True,
         ),

@@ -57,31 +57,54 @@ class StepCounter(TorchDispatchMode):
         return out
 
 
-class Block(nn.Module):
-    """A Llama-shaped block: GQA attention (q/k/v/o), a SwiGLU MLP, an RMSNorm."""
-
-    def __init__(self, d: int, hq: int, hkv: int, dh: int, hidden: int) -> None:
+class Attention(nn.Module):
+    def __init__(self, d: int, hq: int, hkv: int, dh: int) -> None:
         super().__init__()
         self.num_heads, self.num_key_value_heads, self.head_dim = hq, hkv, dh
         self.q_proj = nn.Linear(d, hq * dh, bias=False)
         self.k_proj = nn.Linear(d, hkv * dh, bias=False)
         self.v_proj = nn.Linear(d, hkv * dh, bias=False)
         self.o_proj = nn.Linear(hq * dh, d, bias=False)
-        self.gate = nn.Linear(d, hidden, bias=False)
-        self.up = nn.Linear(d, hidden, bias=False)
-        self.down = nn.Linear(hidden, d, bias=False)
-        self.norm = nn.RMSNorm(d)
+
+
+class Mlp(nn.Module):  # SwiGLU's three matrices
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d, hidden, bias=False)
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+
+
+class Layer(nn.Module):
+    def __init__(self, d: int, hq: int, hkv: int, dh: int, hidden: int) -> None:
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(d)
+        self.self_attn = Attention(d, hq, hkv, dh)
+        self.post_attention_layernorm = nn.RMSNorm(d)
+        self.mlp = Mlp(d, hidden)
 
 
 class Llama(nn.Module):
-    """A Llama-shaped model: ``n`` blocks of width ``d``, 8 query / 2 KV heads, an embedding
-    and an output head (the shapes of the issue's measurement: 4 blocks, d 256)."""
+    """A Llama-shaped model's parameters (no forward: the costs need only gradients): ``n``
+    layers of width ``d``, ``hq`` query / ``hkv`` KV heads of ``d // hq``, a SwiGLU MLP of
+    ``hidden`` (default 688 d / 256), an embedding and an output head of ``vocab`` rows. The
+    defaults are the issue's measurement: 4 layers, d 256, 8/2 heads."""
 
-    def __init__(self, n: int = 4, d: int = 256, vocab: int = 64) -> None:
+    def __init__(self, n: int = 4, d: int = 256, vocab: int = 64, hq: int = 8, hkv: int = 2,
+                 hidden: int | None = None) -> None:  # fmt: skip
         super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(Block(d, 8, 2, d // 8, 688 * d // 256) for _ in range(n))
-        self.head = nn.Linear(d, vocab, bias=False)
+        hidden = hidden or 688 * d // 256
+        self.embed_tokens = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(Layer(d, hq, hkv, d // hq, hidden) for _ in range(n))
+        self.norm = nn.RMSNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+
+def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """What torch.optim.Muon steps in a ``Llama``: the 2-D matrices but the embedding and the
+    output head (AdamW's)."""
+    return [p for n, p in model.named_parameters()
+            if p.ndim == 2 and n not in ("embed_tokens.weight", "lm_head.weight")]  # fmt: skip
 
 
 @dataclass

@@ -4,7 +4,7 @@ H100 and an A100, for representative shapes. ESTIMATES, not measurements (no GPU
     python bench/cost_model.py           # writes bench/results/cost_model.md
 
 The model is ``cm_triton.cost_model`` (its docstring states the peak figures and efficiencies);
-``dispatch.use_kernel`` follows it on CUDA until a GPU measurement replaces it.
+``cost_model.use_kernel`` follows it on CUDA until a GPU measurement replaces it.
 """
 
 from __future__ import annotations

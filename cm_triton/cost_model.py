@@ -21,7 +21,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["GPU", "GPUS", "gpu_for", "Estimate", "PHASES", "estimate", "prefer_kernel"]
+import torch
+
+__all__ = [
+    "GPU",
+    "GPUS",
+    "gpu_for",
+    "Estimate",
+    "PHASES",
+    "estimate",
+    "prefer_kernel",
+    "use_kernel",
+]
 
 
 @dataclass(frozen=True)
@@ -131,3 +142,12 @@ def prefer_kernel(phase: str, b: int, h: int, dh: int, n: int, gpu: GPU) -> bool
     """Whether the model expects the fused kernel to beat torch for this phase and shape."""
     kernel, torch_ = estimate(phase, b, h, dh, n, gpu)
     return kernel.seconds < torch_.seconds
+
+
+def use_kernel(phase: str, b: int, h: int, dh: int, n: int, device: torch.device) -> bool:
+    """Whether a Gram-form phase (``cost_model.PHASES``) of ``B x H`` heads of ``dh x n`` runs
+    as its fused kernel or as torch ops. CUDA: the cost model's estimate (until a GPU
+    measurement replaces it); elsewhere (the interpreter) always the kernel."""
+    if device.type != "cuda":
+        return True
+    return prefer_kernel(phase, b, h, dh, n, gpu_for(torch.cuda.get_device_capability(device)))

@@ -40,7 +40,7 @@ from typing import Any
 
 from torch import nn
 
-from cm_triton.optim import check_cm_keys
+from cm_triton.groups import check_cm_keys
 
 __all__ = [
     "param_groups",

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from cm_triton.cost_model import use_kernel
 from cm_triton.options import CMOptions
 from cm_triton.reference.rule import REFERENCE, Primitives
 
@@ -72,17 +73,6 @@ def resolve_primitives(backend: str, device: torch.device) -> Primitives:
     from cm_triton.kernels import KERNELS
 
     return KERNELS
-
-
-def use_kernel(phase: str, b: int, h: int, dh: int, n: int, device: torch.device) -> bool:
-    """Whether a Gram-form phase (``cost_model.PHASES``) of ``B x H`` heads of ``dh x n`` runs
-    as its fused kernel or as torch ops. CUDA: the cost model's estimate (until a GPU
-    measurement replaces it); elsewhere (the interpreter) always the kernel."""
-    if device.type != "cuda":
-        return True
-    from cm_triton.cost_model import gpu_for, prefer_kernel
-
-    return prefer_kernel(phase, b, h, dh, n, gpu_for(torch.cuda.get_device_capability(device)))
 
 
 def _defaults(device: torch.device) -> dict:

@@ -56,7 +56,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cm_triton.engine import compute_attention, compute_muon, group_layout
+from cm_triton.engine import compute_attention, compute_muon
+from cm_triton.groups import group_layout
 from cm_triton.layouts import get_layout
 from cm_triton.options import CMOptions
 from cm_triton.reference.muon import muon_direction

@@ -49,7 +49,6 @@ __all__ = [
     "LAYOUTS",
     "register_layout",
     "get_layout",
-    "head_views",
 ]
 
 Index = tuple  # of int | slice
@@ -195,16 +194,6 @@ def get_layout(name: str, hq: int, hkv: int, dh: int, **layout_args: object) -> 
         return LAYOUTS[name](hq, hkv, dh, **layout_args)
     except TypeError as e:
         raise ValueError(f"layout {name!r}: bad 'layout_args' {layout_args!r}: {e}") from None
-
-
-def head_views(group: dict) -> dict[str, Tensor]:
-    """Views of one attention param group's heads: ``{"q": (Hq, dh, d), "k": ..., "v": ...,
-    "o": (Hq, dh, d) (o's column blocks, transposed)}``, writable (e.g. for gauge checks);
-    grouped layouts give ``(*heads, dh, d)`` with the head axes not yet flattened."""
-    from cm_triton.engine import group_layout  # the optimizer's own reading of a group
-
-    layout = group_layout(group)
-    return {n: h.view(group["params"][h.param].detach()) for n, h in layout.entries()}
 
 
 # -- built-in layouts -------------------------------------------------------------------

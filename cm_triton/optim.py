@@ -29,9 +29,15 @@ import torch
 from torch import Tensor
 
 from cm_triton import distributed, engine
-from cm_triton.engine import ATTENTION_KINDS, CM_KEYS, MUON_SHAPES, check_group, group_options
+from cm_triton.groups import (
+    ATTENTION_KINDS,
+    MUON_SHAPES,
+    check_cm_keys,
+    check_group,
+    group_options,
+)
 
-__all__ = ["CompositionalMuon", "KINDS", "check_cm_keys"]
+__all__ = ["CompositionalMuon", "KINDS"]
 
 KINDS = (*ATTENTION_KINDS, "muon", "adamw")
 NONFINITE = ("raise", "skip")
@@ -222,13 +228,6 @@ class CompositionalMuon(torch.optim.Optimizer):
             "a gradient of another rank contains non-finite values (nan or inf); nothing "
             "was modified"
         )
-
-
-def check_cm_keys(options: dict[str, Any]) -> None:
-    """Raise TypeError naming any key of ``options`` that is not a CM flag."""
-    unknown = set(options) - set(CM_KEYS)
-    if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)}; CM options are {CM_KEYS}")
 
 
 # Keys that fix how a group's parameters are read: a checkpoint must agree on them.

@@ -15,8 +15,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from cm_triton.engine import group_layout
-from cm_triton.layouts import head_views
+from cm_triton.groups import group_layout, head_views
 
 
 def _torchvision_importable_beside_cpu_torch() -> None:

@@ -164,7 +164,7 @@ def test_bf16_weights_match_reference():
 
 
 def test_the_cost_model_picks_kernels_for_many_heads_and_torch_for_few_big_ones():
-    # dispatch.use_kernel on CUDA follows these estimates (deterministic arithmetic).
+    # cost_model.use_kernel on CUDA follows these estimates (deterministic arithmetic).
     from cm_triton.cost_model import GPUS, estimate, prefer_kernel
 
     h100 = GPUS["H100"]

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cm_triton.dispatch import use_kernel
+from cm_triton.cost_model import use_kernel
 from cm_triton.kernels.common import DOT_PRECISION, MAX_HEAD_DIM, TUNING, _block
 from cm_triton.reference import phases as ref
 from cm_triton.reference.primitives import inv_sqrt as ref_inv_sqrt

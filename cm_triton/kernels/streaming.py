@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cm_triton.dispatch import use_kernel
+from cm_triton.cost_model import use_kernel
 from cm_triton.kernels.common import DOT_PRECISION, TUNING, _block, _chunk, _padded, supported
 from cm_triton.reference import phases as ref
 

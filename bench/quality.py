@@ -43,6 +43,7 @@ GRIDS = {
     "cm": (0.01, 0.02, 0.04),
     "cm-isotropic": (0.01, 0.02, 0.04),
     "cm-release": (0.01, 0.02, 0.04),
+    "cm-per-query": (0.01, 0.02, 0.04),
     "muon": (0.01, 0.02, 0.04),
     "adamw": (1.5e-3, 3e-3, 6e-3),
 }
@@ -180,7 +181,7 @@ def report(meta: dict, sweep: list[dict], summary: dict) -> str:
     lines += ["", "Std is the sample standard deviation over seeds.", ""]
     lines += ["## 3. Paired differences (same seed: same initial weights, same batches)", ""]
     for a, b in (("cm", "muon"), ("cm-isotropic", "muon"), ("cm", "cm-isotropic"),
-                 ("cm", "adamw"), ("cm", "cm-release")):  # fmt: skip
+                 ("cm", "adamw"), ("cm", "cm-release"), ("cm", "cm-per-query")):  # fmt: skip
         pd = paired(stats, a, b)
         if pd is not None:
             diffs, m, sd = pd

@@ -27,13 +27,17 @@ from tqdm import tqdm
 from cm_triton.discovery import param_groups
 from cm_triton.optim import CompositionalMuon
 
-OPTIMIZERS = ("cm", "cm-isotropic", "cm-release", "muon", "adamw")
+OPTIMIZERS = ("cm", "cm-isotropic", "cm-release", "cm-per-query", "muon", "adamw")
 # Matrix lr per optimizer (AdamW's lr for "adamw"): the best of bench/quality.py's 1000-step
 # sweep on the default data, factor-2 grids, seed 99 (bench/results/quality.md).
-LR = {"cm": 0.01, "cm-isotropic": 0.01, "cm-release": 0.01, "muon": 0.005, "adamw": 1.5e-3}
+LR = {"cm": 0.01, "cm-isotropic": 0.01, "cm-release": 0.01, "cm-per-query": 0.01, "muon": 0.005,
+      "adamw": 1.5e-3}  # fmt: skip
 # "cm-release": CM evaluated as the release does (Newton-Schulz iterations on each head, the
 # 25-step Newton inverse root), for comparing this package's Gram-form default against it.
 RELEASE_EVALUATION = {"ns_method": "ns", "inv_root": "newton"}
+# "cm-per-query": the shared K/V factors' budget b / G (gqa_budget="per_query", as
+# microsoft/dion's port; spec §1), against the default "group".
+OPTIONS = {"cm-release": RELEASE_EVALUATION, "cm-per-query": {"gqa_budget": "per_query"}}
 ADAMW_LR = 3e-3  # embeddings, head, norms: the same AdamW for every optimizer
 
 
@@ -150,7 +154,7 @@ def make_optimizer(name: str, model: nn.Module, lr: float | None = None):
     lr = LR[name] if lr is None else lr
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    options = RELEASE_EVALUATION if name == "cm-release" else {}
+    options = OPTIONS.get(name, {})
     groups = param_groups(model, attention=name != "muon", isotropic=name == "cm-isotropic",
                           **options)  # fmt: skip
     return CompositionalMuon(groups, lr=lr, adamw_lr=ADAMW_LR)

@@ -377,12 +377,14 @@ class Comm:
         a_o, a_v_all = pieces[0], pieces[1]
         root_o, root_v = partner_roots_from_grams(a_o, a_v_all, opts, ops)
         own_v = None if root_v is None else root_v[:, first : first + hkv_loc]
-        v_new = leg_update(v, gv, mv_new, s_v, own_v, opts, ops)
+        b_o, b_v = opts.budgets(hq // hkv)
+        v_new = leg_update(v, gv, mv_new, s_v, own_v, opts, b_v, ops)
         if opts.hybrid:
             sign = self._o_sign_fn(opts, hq * dh, o_p, prims)
             o_new = hybrid_update(o, go, mo_new, root_o, opts, sign)
         else:
-            o_new = leg_update(o, go, mo_new, pieces[2], root_o, opts, ops, reduce=self.all_reduce)
+            o_new = leg_update(o, go, mo_new, pieces[2], root_o, opts, b_o, ops,
+                               reduce=self.all_reduce)  # fmt: skip
 
         def v_back(x):
             return x.flatten(1, 2)

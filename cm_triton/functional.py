@@ -208,6 +208,7 @@ def cm_qk(
     ns_restart: int = 3,
     inv_root: str = "auto",
     backend: str = "auto",
+    gqa_budget: str = "group",
 ) -> None:
     """Compositional Muon step on a query/key pair, in place (spec §4.1).
 
@@ -247,6 +248,7 @@ def cm_ov(
     ns_restart: int = 3,
     inv_root: str = "auto",
     backend: str = "auto",
+    gqa_budget: str = "group",
 ) -> None:
     """Compositional Muon step on a value/output pair, in place (spec §4.2).
 

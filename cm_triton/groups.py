@@ -39,7 +39,7 @@ ATTENTION_KINDS = ("qk", "ov", "mha", "attention")
 CM_KEYS = (
     "beta", "nesterov", "damping", "method", "isotropic", "hybrid", "whitening", "connection",
     "momentum_reproject", "per_mat_renorm", "ns_coefficients", "ns_dtype", "ns_method",
-    "ns_restart", "inv_root", "backend",
+    "ns_restart", "inv_root", "backend", "gqa_budget",
 )  # fmt: skip
 
 

@@ -17,6 +17,7 @@ INV_ROOTS = ("auto", "newton", "quintic", "eigh")
 NS_METHODS = ("ns", "gram")
 BACKENDS = ("auto", "reference", "triton")
 NS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+GQA_BUDGETS = ("group", "per_query")
 
 
 def _choice(name: str, value: object, allowed: Sequence[str]) -> None:
@@ -63,6 +64,7 @@ class CMOptions:
     ns_restart: int = 3
     inv_root: str = "auto"
     backend: str = "auto"
+    gqa_budget: str = "group"
 
     def __post_init__(self) -> None:
         _real("eta", self.eta)
@@ -78,6 +80,7 @@ class CMOptions:
         if self.ns_method is not None:
             _choice("ns_method", self.ns_method, NS_METHODS)
         _choice("backend", self.backend, BACKENDS)
+        _choice("gqa_budget", self.gqa_budget, GQA_BUDGETS)
         if self.ns_dtype is not None and self.ns_dtype not in NS_DTYPES:
             raise ValueError(f"ns_dtype must be None or one of {NS_DTYPES}, got {self.ns_dtype!r}")
         coeffs = self.ns_coefficients
@@ -104,3 +107,11 @@ class CMOptions:
     def budget(self) -> float:
         """Step budget b of each factor: 1/2 for half_split, 1 for joint (spec §3)."""
         return 0.5 if self.method == "half_split" else 1.0
+
+    def budgets(self, group_size: int) -> tuple[float, float]:
+        """``(b_P, b_S)``: the per-query factor's budget and the shared factor's, under GQA
+        with ``group_size`` = G query heads per KV head (spec §1). ``"group"``: both b (the
+        summed partner Gram already holds each composite to b); ``"per_query"``: the shared
+        factor b / G, as microsoft/dion's port does (more conservative by exactly G)."""
+        b = self.budget
+        return b, (b / group_size if self.gqa_budget == "per_query" else b)

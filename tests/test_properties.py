@@ -244,3 +244,40 @@ def test_reference_is_the_default_on_cpu():
 
     assert resolve_primitives("auto", torch.device("cpu")) is REFERENCE
     assert resolve_primitives("reference", torch.device("cpu")) is REFERENCE
+
+
+@pytest.mark.parametrize("method", ["half_split", "joint"])
+@pytest.mark.parametrize("fn", ["qk", "ov"])
+def test_gqa_per_query_budget_scales_the_shared_leg_by_one_over_g(fn, method):
+    # spec §1: gqa_budget="per_query" gives the shared factor b / G, the per-query one b.
+    # Same directions, so in float64 the shared factor's step is the "group" one over G to
+    # rounding (1e-12 relative: a handful of fp64 ops), the per-query factor's is unchanged,
+    # and with G = 1 the option changes nothing (bit for bit). With the K-leg bound above,
+    # each composite then moves by at most eta b / G.
+    dh, d, g = 8, 40, 3
+    gen = torch.Generator().manual_seed(11)
+    for hkv, G in ((2, g), (2, 1)):
+        hq = hkv * G
+        shapes = [(hq * dh, d), (hkv * dh, d)] if fn == "qk" else [(hkv * dh, d), (d, hq * dh)]
+        ws = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+        gs = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+        out = {}
+        for budget in ("group", "per_query"):
+            w = [x.clone() for x in ws]
+            m = [torch.zeros_like(x) for x in ws]
+            call = cm_qk if fn == "qk" else cm_ov
+            call(*w, *gs, *m, head_dim=dh, eta=0.1, method=method, gqa_budget=budget)
+            out[budget] = [x - x0 for x, x0 in zip(w, ws)]
+        shared, per_query = (1, 0) if fn == "qk" else (0, 1)
+        if G == 1:
+            assert all(torch.equal(a, b) for a, b in zip(out["group"], out["per_query"]))
+            continue
+        torch.testing.assert_close(out["per_query"][per_query], out["group"][per_query],
+                                   rtol=1e-12, atol=0.0)  # fmt: skip
+        torch.testing.assert_close(out["per_query"][shared], out["group"][shared] / G,
+                                   rtol=1e-12, atol=1e-15)  # fmt: skip
+
+
+def test_gqa_budget_is_validated():
+    with pytest.raises(ValueError, match="gqa_budget must be one of"):
+        CMOptions(eta=0.1, gqa_budget="per_head")

@@ -180,9 +180,11 @@ def partner_roots_from_grams(a_p: Tensor, a_s: Tensor, opts: CMOptions, ops: Pha
 
 def leg_update(
     w: Tensor, gr: Tensor, m_new: Tensor, s_gram: Tensor, root: Tensor | None,
-    opts: CMOptions, ops: PhaseOps = REFERENCE_PHASES, reduce: Reduce | None = None,
+    opts: CMOptions, budget: float, ops: PhaseOps = REFERENCE_PHASES,
+    reduce: Reduce | None = None,
 ) -> Tensor:  # fmt: skip
-    """Phases B1, A2, B2 and C of per-head legs: ``W <- decay W - eta b post msign(pre D)``.
+    """Phases B1, A2, B2 and C of per-head legs: ``W <- decay W - eta b post msign(pre D)``
+    with ``b = budget`` (``CMOptions.budgets``).
 
     Shapes: ``w, gr, m_new (B, H, dh, n)``; ``s_gram = D D^T`` and ``root (B, H, dh, dh)``.
     ``reduce``: applied to the restart's Gram (a sum over the width).
@@ -195,7 +197,7 @@ def leg_update(
         r = ops.restart_gram(t, gr, m_new, opts.beta, opts.nesterov)
         r = r if reduce is None else reduce(r)
     t, u_sq = ops.last_maps(r, t, post, rest)
-    step = opts.eta * opts.budget
+    step = opts.eta * budget
     if opts.per_mat_renorm:  # ||Delta_h||^2 = tr(T S T^T): no pass over Delta needed
         step = step * renorm_factor(_tst(t, s_gram).clamp_min(0).sqrt(), u_sq)
     decay = 1.0 - opts.eta * opts.weight_decay
@@ -233,7 +235,8 @@ def gram_pair_step(
     mp_new, a_p, s_p = ops.stream(p, gp, mp, opts.beta, opts.nesterov)
     ms_new, a_s, s_s = ops.stream(s, gs, ms, opts.beta, opts.nesterov)
     root_p, root_s = partner_roots_from_grams(a_p, a_s, opts, ops)
-    s_new = leg_update(s, gs, ms_new, s_s, root_s, opts, ops)
+    b_p, b_s = opts.budgets(p.shape[1] // s.shape[1])
+    s_new = leg_update(s, gs, ms_new, s_s, root_s, opts, b_s, ops)
     if hybrid:  # one Newton-Schulz sign over every P head (the whole o_w)
 
         def sign(x: Tensor) -> Tensor:
@@ -241,7 +244,7 @@ def gram_pair_step(
 
         p_new = hybrid_update(p, gp, mp_new, root_p, opts, sign)
     else:
-        p_new = leg_update(p, gp, mp_new, s_p, root_p, opts, ops)
+        p_new = leg_update(p, gp, mp_new, s_p, root_p, opts, b_p, ops)
     return p_new, s_new, mp_new, ms_new
 
 

@@ -233,5 +233,6 @@ def generic_pair_step(
     dp, ds = (gp + opts.beta * mp, gs + opts.beta * ms) if opts.nesterov else (mp, ms)
     delta_p, delta_s = direction(p, s, dp, ds, opts, hybrid, prims)
     decay = 1.0 - opts.eta * opts.weight_decay
-    step = opts.eta * opts.budget
-    return decay * p - step * delta_p, decay * s - step * delta_s, mp, ms
+    b_p, b_s = opts.budgets(p.shape[1] // s.shape[1])
+    return (decay * p - (opts.eta * b_p) * delta_p, decay * s - (opts.eta * b_s) * delta_s,
+            mp, ms)  # fmt: skip

@@ -107,7 +107,7 @@ class Plan:
 
     key: tuple
     batches: list[Batch]
-    adamw: list[dict]
+    adamw: list[tuple[dict, list[Tensor]]]  # per AdamW group and (device, dtype): its params
     raises: bool  # some group has nonfinite="raise": the step reads one flag
     in_place: bool = False  # capturable: momentum written into its stacks, never replaced
 
@@ -177,7 +177,14 @@ def build_plan(groups: list[dict], state: dict, in_place: bool = False) -> Plan:
     for b in batches:
         b.columns = _column_positions(b)
         _adopt_state(b, state)
-    adamw = [g for g in groups if g["kind"] == "adamw"]
+    adamw = []  # which parameters have gradients is part of the key: grouped once here
+    for g in groups:
+        if g["kind"] == "adamw":
+            by_dev: dict[tuple, list[Tensor]] = defaultdict(list)
+            for p in g["params"]:
+                if p.grad is not None:
+                    by_dev[(p.device, p.dtype)].append(p)
+            adamw += [(g, ps) for ps in by_dev.values()]
     raises = any(g["nonfinite"] == "raise" for g in groups)
     return Plan(key, batches, adamw, raises, in_place)
 
@@ -375,21 +382,10 @@ def _exactly_finite(c: _Computed) -> tuple[bool, bool]:
     return grads, results
 
 
-def _adamw_groups(plan: Plan, state: dict):
-    """Per AdamW group and device: params, grads, moments and steps (state made here)."""
-    for group in plan.adamw:
-        by_dev: dict[tuple, list[Tensor]] = defaultdict(list)
-        for p in group["params"]:
-            if p.grad is not None:
-                by_dev[(p.device, p.dtype)].append(p)
-        for ps in by_dev.values():
-            yield group, ps
-
-
-def _adamw_finite(plan: Plan, state: dict) -> list[Tensor]:
+def _adamw_finite(plan: Plan) -> list[Tensor]:
     """Per AdamW group and device, each parameter's gradient finite: ``(N,)`` flags."""
     out = []
-    for _, ps in _adamw_groups(plan, state):
+    for _, ps in plan.adamw:
         norms = torch._foreach_norm([local(p.grad) for p in ps], 2)
         out.append(torch.stack(norms).isfinite())
     return out
@@ -399,7 +395,7 @@ def run_step(plan: Plan, state: dict, comm=None, on_raise=None) -> None:
     """Run one step of ``plan`` (see the module doc). ``on_raise(kind)`` is called with
     ``"gradients"`` or ``"results"`` when a ``"raise"`` group cannot step; it must raise."""
     computed = [_compute(b, state, comm) for b in plan.batches]
-    adam_flags = _adamw_finite(plan, state)
+    adam_flags = _adamw_finite(plan)
     flags = [c.finite for c in computed] + adam_flags
     if comm is not None and flags:  # every rank decides the same
         sizes = [len(f) for f in flags]
@@ -409,17 +405,17 @@ def run_step(plan: Plan, state: dict, comm=None, on_raise=None) -> None:
     adam_flags = flags[len(computed) :]
     if plan.raises:
         must = [f for c, f in zip(computed, flags) if c.batch.nonfinite == "raise"]
-        must += [f for (g, _), f in zip(_adamw_groups(plan, state), adam_flags)
+        must += [f for (g, _), f in zip(plan.adamw, adam_flags)
                  if g["nonfinite"] == "raise"]  # fmt: skip
         if must and not bool(torch.cat(must).all()):  # the step's one host read
-            _settle(computed, plan, state, adam_flags, comm, on_raise)
+            _settle(computed, plan, adam_flags, comm, on_raise)
     for c in computed:
         _commit(c, state, plan.in_place)
-    for (group, ps), ok in zip(_adamw_groups(plan, state), adam_flags):
+    for (group, ps), ok in zip(plan.adamw, adam_flags):
         _adamw(group, ps, state, ok if group["nonfinite"] == "skip" else None)
 
 
-def _settle(computed, plan, state, adam_flags, comm, on_raise) -> None:
+def _settle(computed, plan, adam_flags, comm, on_raise) -> None:
     """The quick check failed somewhere: decide exactly (finite entries can overflow a norm),
     and raise through ``on_raise`` if a "raise" group really cannot step."""
     grads_ok, results_ok = True, True
@@ -427,8 +423,7 @@ def _settle(computed, plan, state, adam_flags, comm, on_raise) -> None:
         if c.batch.nonfinite == "raise" and not bool(c.finite.all()):
             g, r = _exactly_finite(c)
             grads_ok, results_ok = grads_ok and g, results_ok and r
-            c.finite = torch.ones_like(c.finite) if g and r else c.finite
-    for (group, ps), f in zip(_adamw_groups(plan, state), adam_flags):
+    for (group, ps), f in zip(plan.adamw, adam_flags):
         if group["nonfinite"] == "raise" and not bool(f.all()):
             exact = all(bool(torch.isfinite(local(p.grad)).all()) for p in ps)
             grads_ok = grads_ok and exact

@@ -96,8 +96,7 @@ def _zero_filled(real, empty_input_ok: bool = False):
 
 
 def main() -> None:
-    fast = Primitives(roots=REFERENCE.roots, whitened_sign=REFERENCE.whitened_sign,
-                      msign=_zero_sign, phases=REFERENCE.phases)  # fmt: skip
+    fast = Primitives(msign=_zero_sign, phases=REFERENCE.phases)
     engine.resolve_primitives = lambda backend, device: fast
     dist.all_to_all_single = _zero_filled(dist.all_to_all_single, empty_input_ok=True)
     dist.all_gather_single = _zero_filled(dist.all_gather_single)

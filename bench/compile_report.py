@@ -73,16 +73,23 @@ def _heads(layout: str, dh: int, b: int = 2, h: int = 8, n: int = 1024) -> torch
 
 
 def launch_everything(blocks: tuple[int, ...]) -> None:
-    """Every distinct launch of the phase kernels for these blocks."""
+    """Every distinct launch of the phase kernels for these blocks: each configuration the
+    pipeline (``reference/pipeline.py``) can launch, for every flag combination."""
     for block in blocks:
         dh = block
         for layout in ("rows", "cols"):
             for nesterov in (False, True):
                 w = _heads(layout, dh)
                 t = torch.zeros(*w.shape[:2], dh, dh)
-                K.stream(w, w, w, 0.95, nesterov)
+                K.stream_grams(w, w, w, 0.95, nesterov, ("ww", "dd", "wd", "wm"))
                 K.restart_gram(t, w, w, 0.95, nesterov)
+                K.restart_gram(t, w, w, 0.95, nesterov, w=w, t_w=t)  # reprojection
                 K.apply_update(w, t, w, w, 0.95, nesterov, 1.0, 0.01)
+                K.apply_update(w, t, w, w, 0.95, nesterov, 1.0, 0.01, t_w=t)  # connections
+                K.apply_update(w, t, w, w, 0.95, nesterov, 0.0, -1.0)  # an explicit sign's X
+                K.apply_update(w, t, w, w, 0.95, nesterov, 0.0, -1.0, t_w=t)
+            u = torch.zeros(*w.shape)  # an explicit sign's U (contiguous)
+            K.cross_grams(w, u)
         s = torch.zeros(2, 8, dh, dh)
         for root in (None, s):
             K.first_maps(s, root, POLAR_EXPRESS_8[:3])
@@ -115,11 +122,13 @@ def compile_all(targets: tuple[int, ...], blocks: tuple[int, ...], timeout_s: fl
     return records
 
 
+FLAG_COLUMNS = ("NESTEROV", "MODE", "HAS_ROOT", "HAS_TW", "HAS_W", "HAS_X2", "WRITE_M")
+
+
 def _row(r: dict) -> str:
     c = r["constexprs"]
     block = c.get("BLOCK_R")
-    flags = ",".join(f"{k}={v}" for k, v in sorted(c.items()) if k in ("NESTEROV", "MODE",
-                                                                        "HAS_ROOT"))  # fmt: skip
+    flags = ",".join(f"{k}={v}" for k, v in sorted(c.items()) if k in FLAG_COLUMNS)
     strides = "/".join(str(i) for i in r.get("divisible_by_16", []))[:24]
     return (f"| {r['kernel']} | {block} | {flags} | {strides} | {r['target']} | {r['num_warps']} "
             f"| {r.get('regs', '-')} | {r.get('stack_bytes', '-')} | {r.get('smem_bytes', '-')} | "

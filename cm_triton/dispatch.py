@@ -1,4 +1,12 @@
-"""The one place that chooses a backend and the per-device defaults (spec §2.1, §5)."""
+"""The one place that chooses: the backend, kernel or torch per phase, and the per-device
+defaults (spec §2.1, §5).
+
+``resolve_primitives`` maps ``backend`` and a device to a ``Primitives``. For the Triton
+backend each phase of ``reference.phases.PhaseOps`` runs its kernel where the kernel takes the
+tensors (``kernels.streams_take`` / ``maps_take``: dtype, and heads up to ``MAX_HEAD_DIM`` for
+the dh x dh algebra) and, on CUDA, where the cost model expects it to win
+(``cost_model.use_kernel``); otherwise the reference's. The kernels themselves never choose.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ import torch
 
 from cm_triton.cost_model import use_kernel
 from cm_triton.options import CMOptions
+from cm_triton.reference.phases import REFERENCE_PHASES, PhaseOps
 from cm_triton.reference.rule import REFERENCE, Primitives
 
 __all__ = [
@@ -70,9 +79,60 @@ def resolve_primitives(backend: str, device: torch.device) -> Primitives:
             f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before cm_triton "
             f"is imported to run the kernels on the CPU; got tensors on {device}"
         )
-    from cm_triton.kernels import KERNELS
+    return _triton_primitives()
 
-    return KERNELS
+
+_CHOSEN: list[Primitives] = []
+
+
+def _triton_primitives() -> Primitives:
+    """The Triton backend: per phase, the kernel where it takes the call, else the reference."""
+    if _CHOSEN:
+        return _CHOSEN[0]
+    from cm_triton import kernels as k
+
+    ref = REFERENCE_PHASES
+
+    def pick(phase, kernel, reference, arg, takes, dims):
+        def run(*args, **kwargs):
+            x = args[arg]
+            if takes(x, *args) and use_kernel(phase, *dims(x), x.device):
+                return kernel(*args, **kwargs)
+            return reference(*args, **kwargs)
+
+        run.__name__ = run.__qualname__ = kernel.__name__
+        run.__doc__ = kernel.__doc__
+        return run
+
+    def big(x, *args):  # every big operand of the call (the tensors shaped like the first)
+        return k.streams_take(*(a for a in args if isinstance(a, torch.Tensor)
+                                and a.shape == x.shape))  # fmt: skip
+
+    def small(x, *args):
+        return k.maps_take(x)
+
+    def quintic(x, *args):
+        return len(args) > 1 and args[1] == "quintic" and k.maps_take(x)
+
+    def heads(x):  # (B, H, R, n) -> the cost model's (B, H, dh, n)
+        return (x.shape[0], x.numel() // (x.shape[0] * x.shape[-2] * x.shape[-1]) if x.dim() > 2
+                else 1, x.shape[-2], x.shape[-1])  # fmt: skip
+
+    def mats(x):  # (..., r, r) -> one batch of N matrices
+        return 1, x.numel() // max(1, x.shape[-1] ** 2), x.shape[-1], x.shape[-1]
+
+    ops = PhaseOps(
+        stream=pick("stream", k.stream, ref.stream, 0, big, heads),
+        stream_grams=pick("stream", k.stream_grams, ref.stream_grams, 0, big, heads),
+        cross_grams=pick("stream", k.cross_grams, ref.cross_grams, 0, big, heads),
+        first_maps=pick("maps", k.first_maps, ref.first_maps, 0, small, mats),
+        restart_gram=pick("restart", k.restart_gram, ref.restart_gram, 2, big, heads),
+        last_maps=pick("maps", k.last_maps, ref.last_maps, 0, small, mats),
+        apply_update=pick("apply", k.apply_update, ref.apply_update, 0, big, heads),
+        inv_sqrt=pick("inv_sqrt", k.inv_sqrt, ref.inv_sqrt, 0, quintic, mats),
+    )
+    _CHOSEN.append(Primitives(msign=REFERENCE.msign, phases=ops))
+    return _CHOSEN[0]
 
 
 def _defaults(device: torch.device) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import itertools
 
 import torch
@@ -50,6 +52,44 @@ def ov_tensors(hq, hkv, dh, d, dtype=torch.float64, device="cpu", momentum=True)
 
 def clones(ts):
     return [t.clone() for t in ts]
+
+
+KERNELS = {
+    "gram": ("streaming", "_gram_kernel"),
+    "map": ("streaming", "_map_kernel"),
+    "maps": ("algebra", "_maps_kernel"),
+    "inv_sqrt": ("algebra", "_inv_sqrt_kernel"),
+}
+
+
+@contextlib.contextmanager
+def kernel_launches():
+    """Count the launches of each Triton kernel of ``cm_triton.kernels`` inside the block:
+    yields a Counter keyed by ``KERNELS``' names (``gram``: the stream and an explicit sign's
+    Grams; ``map``: the apply, the restart and the forming pass; ``maps``/``inv_sqrt``: the
+    dh x dh algebra)."""
+    import importlib
+
+    counts: collections.Counter = collections.Counter()
+
+    class Counted:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            counts[self.name] += 1
+            return self.fn[grid]
+
+    saved = []
+    for name, (mod, attr) in KERNELS.items():
+        module = importlib.import_module(f"cm_triton.kernels.{mod}")
+        saved.append((module, attr, getattr(module, attr)))
+        setattr(module, attr, Counted(name, getattr(module, attr)))
+    try:
+        yield counts
+    finally:
+        for module, attr, fn in saved:
+            setattr(module, attr, fn)
 
 
 def compare_steps(fn, make, shape, kw_a: dict, kw_b: dict, rtol: float,

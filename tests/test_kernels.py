@@ -14,10 +14,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import clones, compare_steps, flag_id, flag_product, ov_tensors, qk_tensors
+from helpers import (
+    clones,
+    compare_steps,
+    flag_id,
+    flag_product,
+    kernel_launches,
+    ov_tensors,
+    qk_tensors,
+)
 
 from cm_triton import cm_ov, cm_qk
 from cm_triton.dispatch import resolve_primitives, triton_available
+from cm_triton.reference import REFERENCE
 from cm_triton.reference import phases as ref
 from cm_triton.schedules import POLAR_EXPRESS_8
 
@@ -100,28 +109,51 @@ def test_dh_algebra_matches_the_reference(kp, dh, with_root):
     assert _rel(kp.inv_sqrt(a, "quintic"), ref.inv_sqrt(a, "quintic")) < FP32_RTOL
 
 
-def test_kernels_hand_what_they_do_not_cover_to_the_reference(kp):
+def test_the_chooser_hands_what_the_kernels_do_not_take_to_the_reference(kp):
+    # The kernels raise on what they do not take; cm_triton.dispatch sends it to the
+    # reference before any launch (bit for bit the reference's result).
+    chosen = resolve_primitives("triton", torch.device(DEVICE)).phases
     a = torch.randn(2, 4, 4, dtype=torch.float64)
     a = a @ a.mT + torch.eye(4, dtype=torch.float64)
-    assert torch.equal(kp.inv_sqrt(a, "quintic"), ref.inv_sqrt(a, "quintic"))  # float64
-    b = a.float()
-    assert torch.equal(kp.inv_sqrt(b, "eigh"), ref.inv_sqrt(b, "eigh"))  # eigh: cuSOLVER
-    big = torch.randn(1, 1, 160, 400, device=DEVICE)  # dh > 128
-    got, want = kp.stream(big, big, big, 0.9, False), ref.stream(big, big, big, 0.9, False)
-    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    with pytest.raises(ValueError, match="inv_sqrt"):
+        kp.inv_sqrt(a, "quintic")
+    with kernel_launches() as n:
+        assert torch.equal(chosen.inv_sqrt(a, "quintic"), ref.inv_sqrt(a, "quintic"))  # float64
+        b = a.float()
+        assert torch.equal(chosen.inv_sqrt(b, "eigh"), ref.inv_sqrt(b, "eigh"))  # eigh: cuSOLVER
+        big = torch.randn(1, 1, 160, 200, device=DEVICE)
+        big = big @ big.mT  # an SPD dh x dh Gram past MAX_HEAD_DIM
+        got = chosen.first_maps(big, None, POLAR_EXPRESS_8[:3])
+        want = ref.first_maps(big, None, POLAR_EXPRESS_8[:3])
+        assert all(torch.equal(x, y) for x, y in zip(got, want))
+    assert sum(n.values()) == 0
+    with pytest.raises(ValueError, match="first_maps"):
+        kp.first_maps(big, None, POLAR_EXPRESS_8[:3])
+    rows = torch.randn(1, 2, 160, 400, device=DEVICE)  # rows past one block: tiled, a kernel
+    with kernel_launches() as n:
+        got = chosen.stream(rows, rows, rows, 0.9, False)
+    assert n["gram"] == 1
+    for x, y in zip(got, ref.stream(rows, rows, rows, 0.9, False)):
+        assert _rel(x, y) < FP32_RTOL
 
 
 def test_triton_backend_uses_the_kernels():
-    from cm_triton.kernels import KERNELS
+    from cm_triton.kernels import KERNEL_PHASES
 
-    assert resolve_primitives("triton", torch.device(DEVICE)) is KERNELS
+    chosen = resolve_primitives("triton", torch.device(DEVICE))
+    assert chosen.phases.apply_update.__name__ == KERNEL_PHASES.apply_update.__name__
+    assert chosen is not REFERENCE
     if DEVICE == "cpu":  # "auto" keeps CPU tensors on the reference, interpreter or not
-        assert resolve_primitives("auto", torch.device("cpu")) is not KERNELS
+        assert resolve_primitives("auto", torch.device("cpu")) is REFERENCE
 
 
 def _compare_step(fn, make, shape, flags, dtype=torch.float32, rtol=FP32_RTOL, **extra):
-    compare_steps(fn, make, shape, {"backend": "triton", **flags, **extra},
-                  {"backend": "reference", **flags, **extra}, rtol, dtype, DEVICE)  # fmt: skip
+    """The Triton step against the reference's; the Triton step must launch the stream
+    (``gram``) and apply (``map``) kernels: every flag combination's big-matrix passes."""
+    with kernel_launches() as n:
+        compare_steps(fn, make, shape, {"backend": "triton", **flags, **extra},
+                      {"backend": "reference", **flags, **extra}, rtol, dtype, DEVICE)  # fmt: skip
+    assert n["gram"] >= 1 and n["map"] >= 1, dict(n)
 
 
 SHAPES = [(3, 3, 16, 37), (4, 2, 16, 37)]
@@ -139,6 +171,22 @@ def test_cm_qk_triton_matches_reference_every_flag(shape, flags):
 @pytest.mark.parametrize("flags", OV_FLAGS, ids=[flag_id(f) for f in OV_FLAGS])
 def test_cm_ov_triton_matches_reference_every_flag(shape, flags):
     _compare_step(cm_ov, ov_tensors, shape, flags)
+
+
+# Joint's Gram route: a group of (G+1) dh rows at most half the width (the shapes above take
+# its explicit route: 2 x 16 rows of 37 columns, or 3 x 16, taller than wide).
+JOINT_WIDE = [dict(method="joint", whitening=w, connection=c, momentum_reproject=r,
+                   per_mat_renorm=n)
+              for w in ("both", "none") for c in ("none", "frobenius", "scale_aware_scalar")
+              for r in (False, True) for n in (False, True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("flags", JOINT_WIDE, ids=[flag_id(f) for f in JOINT_WIDE])
+def test_joint_gram_route_matches_reference(flags):
+    shape = (2, 1, 8, 70)  # G = 2: 24-row groups over 70 columns
+    _compare_step(cm_qk, qk_tensors, shape, flags)
+    for hybrid in (False, True):
+        _compare_step(cm_ov, ov_tensors, shape, {**flags, "hybrid": hybrid})
 
 
 @pytest.mark.parametrize("extra", [{"inv_root": "quintic"}, {"nesterov": True},

@@ -1,9 +1,10 @@
-"""The Gram-form step in phases (reference/phases.py) equals the generic rule (spec §2.1).
+"""The default flags' fused path (``phases.gram_pair_step``) equals the general pipeline
+(``pipeline.general_pair_step``) on the flags both cover (spec §2.1, §2.2).
 
-Both evaluate the same Newton-Schulz polynomial on the same Grams; the phased path never forms
-the whitened operand and folds per_mat_renorm into a scale read off dh x dh matrices
-(||T D||^2 = tr(T S T^T)). In float64 they agree to rounding (~1e-16 per op, measured worst
-4e-17 relative over this product); 1e-12 catches any formula slip, which is O(1).
+Both evaluate the same Newton-Schulz polynomial on the same Grams; they differ in where the
+step size and the renorm factor enter (a float step and ``tr(T S T^T)`` against maps scaled
+before the apply; the hybrid O sign's norms read off ``U U^T``), so in float64 they agree to
+rounding (~1e-16 per op); 1e-12 catches any formula slip, which is O(1).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from cm_triton.dispatch import resolve_options
 from cm_triton.options import CMOptions
 from cm_triton.reference.phases import fusable
-from cm_triton.reference.rule import generic_pair_step, pair_step
+from cm_triton.reference.pipeline import general_pair_step, pair_step
 
 AXES = {
     "whitening": ("both", "pre", "post", "none"),
@@ -38,15 +39,15 @@ def _pair(hq, hkv, dh, d, b=2, seed=0):
 
 @pytest.mark.parametrize("hybrid", [False, True])
 @pytest.mark.parametrize("flags", CASES, ids=str)
-def test_phased_gram_step_equals_the_generic_rule(flags, hybrid):
+def test_fused_default_path_equals_the_general_pipeline(flags, hybrid):
     opts = resolve_options(CMOptions(eta=0.1, weight_decay=0.1, **flags), torch.device("cpu"))
     ts = _pair(4, 2, 8, 37)  # GQA, d not a multiple of anything
     assert fusable(opts, 8, 37, 37)
-    for got, want in zip(pair_step(*ts, opts, hybrid), generic_pair_step(*ts, opts, hybrid)):
+    for got, want in zip(pair_step(*ts, opts, hybrid), general_pair_step(*ts, opts, hybrid)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_what_the_phases_do_not_cover_runs_generically():
+def test_what_the_fused_path_does_not_cover_runs_the_general_pipeline():
     base = resolve_options(CMOptions(eta=0.1), torch.device("cpu"))
     assert fusable(base, 16, 64, 64)
     for change in ({"method": "joint"}, {"connection": "frobenius"},

@@ -7,35 +7,31 @@ the tolerance 1e-9 is loose enough for that and tight enough to catch any O(1) f
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from oracle import svd_msign
 
 from cm_triton import CMOptions, cm_ov, cm_qk
 from cm_triton.functional import col_heads_t, row_heads
-from cm_triton.reference import REFERENCE, Primitives, connect, partner_roots
-from cm_triton.reference import direction as batched_direction
-from cm_triton.reference.legs import apply_blocks
+from cm_triton.reference import REFERENCE, Primitives, connect, pair_step
 
-
-def _exact_sign(d, pre, post, coefficients=None, method=None, restart=0, dtype=None, blocks=1):
-    """``post msign(pre D)`` with the SVD polar factor (``whitened_sign``'s signature)."""
-    k = blocks
-    u = svd_msign(d if pre is None else apply_blocks(pre, d))
-    u_sq = u.square().unflatten(-2, (k, -1)).sum((-2, -1))
-    return (u if post is None else apply_blocks(post, u)), u_sq
-
-
-EXACT = Primitives(
-    roots=partner_roots, whitened_sign=_exact_sign, msign=lambda x, *a, **k: svd_msign(x)
-)
+EXACT = Primitives(msign=lambda x, *a, **k: svd_msign(x))
 TOL = 1e-9
 
 
 def direction(p, s, dp, ds, opts, hybrid=False, prims=REFERENCE):
-    """``reference.direction`` on one pair: ``(H, dh, d)`` blocks in and out."""
-    out = batched_direction(p[None], s[None], dp[None], ds[None], opts, hybrid, prims)
-    return out[0][0], out[1][0]
+    """The rule's direction ``(Delta_P, Delta_S)`` of one pair ``(H, dh, d)``, read off one
+    ``pair_step``: gradient D, zero momentum, beta 0 and eta 1 make ``W' = W - b Delta``.
+    ``ns_method="ns"`` takes every sign through ``prims.msign`` (EXACT: the SVD factor)."""
+    o = dataclasses.replace(opts, beta=0.0, nesterov=False, eta=1.0, weight_decay=0.0,
+                            ns_method="ns", momentum_reproject=False)  # fmt: skip
+    zp, zs = torch.zeros_like(dp), torch.zeros_like(ds)
+    p2, s2, _, _ = pair_step(p[None], s[None], dp[None], ds[None], zp[None], zs[None], o,
+                             hybrid, prims)  # fmt: skip
+    b_p, b_s = o.budgets(p.shape[0] // s.shape[0])
+    return (p - p2[0]) / b_p, (s - s2[0]) / b_s
 
 
 def _heads(hq, hkv, dh, d, seed=0):

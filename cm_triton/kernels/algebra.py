@@ -15,10 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cm_triton.cost_model import use_kernel
-from cm_triton.kernels.common import DOT_PRECISION, MAX_HEAD_DIM, TUNING, _block
+from cm_triton.kernels.common import DOT_PRECISION, MAX_HEAD_DIM, TUNING, _block, unsupported
 from cm_triton.reference import phases as ref
-from cm_triton.reference.primitives import inv_sqrt as ref_inv_sqrt
 from cm_triton.schedules import INV_SQRT_QUINTIC
 
 
@@ -197,23 +195,23 @@ def _run_maps(mode: int, s_or_r: Tensor, t: Tensor | None, root: Tensor | None,
     return tt[:, :r, :r].reshape(shape), rr[:, :r, :r].reshape(shape)
 
 
-def _maps_ok(x: Tensor, phase: str = "maps") -> bool:
-    r = x.shape[-1]
-    return (r <= MAX_HEAD_DIM and x.dtype != torch.float64 and x.numel() > 0
-            and use_kernel(phase, 1, x.numel() // (r * r), r, r, x.device))  # fmt: skip
+def maps_take(x: Tensor) -> bool:
+    """Whether the dh x dh kernels take these matrices: fp32/bf16/fp16, at most
+    ``MAX_HEAD_DIM`` square, not empty."""
+    return x.shape[-1] <= MAX_HEAD_DIM and x.dtype != torch.float64 and x.numel() > 0
 
 
 def first_maps(s: Tensor, pre: Tensor | None, coefficients):
     """``reference.phases.first_maps``, one program per head."""
-    if not _maps_ok(s):
-        return ref.first_maps(s, pre, coefficients)
+    if not maps_take(s):
+        raise unsupported("first_maps", s)
     return _run_maps(0, s, None, pre, coefficients)
 
 
 def last_maps(r: Tensor, t: Tensor, post: Tensor | None, coefficients):
     """``reference.phases.last_maps``, one program per head."""
-    if not _maps_ok(r):
-        return ref.last_maps(r, t, post, coefficients)
+    if not maps_take(r):
+        raise unsupported("last_maps", r)
     t_new, r_final = _run_maps(1, r, t, post, coefficients)
     return t_new, ref.trace(r_final)
 
@@ -248,11 +246,11 @@ def _inv_sqrt_kernel(
 
 
 def inv_sqrt(a: Tensor, method: str = "newton", floor: float = 0.0) -> Tensor:
-    """``reference.inv_sqrt``; ``"quintic"`` runs here, one program per matrix; the other
-    methods (``"newton"``, ``"eigh"``), float64 and dh > 128 use the reference."""
+    """``reference.inv_sqrt`` with ``method="quintic"``, one program per matrix (the other
+    methods, ``"newton"`` and ``"eigh"``, are the reference's: ``cm_triton.dispatch``)."""
     r = a.shape[-1]
-    if method != "quintic" or not _maps_ok(a, "inv_sqrt"):
-        return ref_inv_sqrt(a, method, floor)
+    if method != "quintic" or not maps_take(a):
+        raise unsupported(f"inv_sqrt({method!r})", a)
     block = _block(r)
     n = a.numel() // (r * r)
     ap = torch.zeros(n, block, block, dtype=torch.float32, device=a.device)

@@ -21,18 +21,28 @@ def _block(dh: int) -> int:
 # (bench/compile_report.py): the largest tiles that stay spill-free on both targets.
 TUNING = {
     "stream": {16: (4, 64, 0), 32: (4, 64, 0), 64: (4, 32, 0), 128: (8, 16, 0)},
+    "stream_cross": {16: (4, 64, 0), 32: (4, 32, 0), 64: (4, 16, 0), 128: (8, 16, 0)},
     "restart": {16: (4, 64, 16), 32: (4, 16, 32), 64: (8, 32, 32), 128: (8, 16, 16)},
     "apply": {16: (4, 64, 16), 32: (4, 64, 32), 64: (4, 64, 32), 128: (8, 32, 32)},
+    "apply_tw": {16: (4, 32, 16), 32: (4, 32, 16), 64: (4, 32, 16), 128: (8, 16, 16)},
     "maps": {16: (4, 16, 16), 32: (4, 32, 16), 64: (4, 16, 16), 128: (4, 16, 16)},
 }
 
 
-def supported(*tensors: Tensor) -> bool:
-    """Whether the kernels take these tensors (else the reference runs)."""
-    return all(
-        t.dtype in (torch.float32, torch.bfloat16, torch.float16) and t.shape[-2] <= MAX_HEAD_DIM
-        for t in tensors
-    )
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def streams_take(*tensors: Tensor) -> bool:
+    """Whether the streaming kernels take these tensors: fp32/bf16/fp16, any row count (rows
+    are tiled), not empty."""
+    return all(t.dtype in KERNEL_DTYPES for t in tensors) and tensors[0].numel() > 0
+
+
+def unsupported(kernel: str, x: Tensor) -> ValueError:
+    """The error a kernel raises for input it does not take (the chooser,
+    ``cm_triton.dispatch``, sends such input to the reference before any launch)."""
+    return ValueError(f"the {kernel} kernel does not take {x.dtype} {tuple(x.shape)}: "
+                      "choose the phase with cm_triton.dispatch")  # fmt: skip
 
 
 def _chunk(b: int, h: int, n: int, block_n: int) -> int:

@@ -15,14 +15,22 @@ Mirrors ``cm_triton.reference.phases``: the same function names and signatures.
 Every ``tl.dot`` runs at ``DOT_PRECISION``: ``"tf32x3"`` (three tf32 products: fp32-level
 accuracy on tensor cores) on a GPU; the interpreter evaluates it in fp32.
 Shapes: big tensors ``(B, H, dh, n)``, read through their strides (views are never copied);
-small ones ``(..., dh, dh)``. dh <= ``MAX_HEAD_DIM``; larger heads and float64 use the reference.
+small ones ``(..., dh, dh)``. The kernels raise on input they do not take
+(``streams_take``, ``maps_take``); ``cm_triton.dispatch`` chooses, before any launch.
 """
 
 from __future__ import annotations
 
-from cm_triton.kernels.algebra import first_maps, inv_sqrt, last_maps
-from cm_triton.kernels.common import MAX_HEAD_DIM, TUNING, supported
-from cm_triton.kernels.streaming import apply_update, restart_gram, stream
+from cm_triton.kernels.algebra import first_maps, inv_sqrt, last_maps, maps_take
+from cm_triton.kernels.common import MAX_HEAD_DIM, TUNING, streams_take
+from cm_triton.kernels.streaming import (
+    apply_update,
+    cross_grams,
+    restart_gram,
+    stream,
+    stream_grams,
+)
 
-__all__ = ["stream", "restart_gram", "apply_update", "first_maps", "last_maps", "inv_sqrt",
-           "MAX_HEAD_DIM", "TUNING", "supported"]  # fmt: skip
+__all__ = ["stream", "stream_grams", "cross_grams", "restart_gram", "apply_update",
+           "first_maps", "last_maps", "inv_sqrt", "MAX_HEAD_DIM", "TUNING", "streams_take",
+           "maps_take"]  # fmt: skip

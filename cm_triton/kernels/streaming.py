@@ -1,13 +1,22 @@
-"""Triton kernels of the Gram-form step's streaming passes (``reference/phases.py``).
+"""Triton kernels of the step's big-matrix passes (``reference/phases.py``), every variant.
 
-- ``stream``: ``m <- beta m + G`` written once, and each head's partial Grams ``W W^T`` and
-  ``D D^T`` over a chunk of columns; the chunks split the width so that realistic shapes
-  launch hundreds of programs, and their partial Grams are summed in a fixed order afterwards
-  (no atomics: steps are bit-reproducible).
-- ``restart_gram``: ``X = T D`` formed tile by tile and ``X X^T`` accumulated, never storing X.
-- ``apply_update``: ``W <- decay W - step T D``, written once.
+Two kernels serve every pass of spec §2.2:
 
-Big tensors ``(B, H, dh, n)`` are read through their strides (views are never copied).
+- ``_gram_kernel`` (``stream_grams``, ``stream``, ``cross_grams``): per head, Grams of up to
+  three *forms* of its big operands ``x0, x1, x2`` (``F0 = x0``, ``F1 = a1 x1 + b1 x2``,
+  ``F2 = a2 x1 + b2 x2``): the stream reads ``W, G, m`` and takes ``F1 = beta m + G``
+  (written once, the new momentum) and ``F2 = D``; an explicit sign's Grams read ``W, U``.
+- ``_map_kernel`` (``apply_update``, ``restart_gram``): per head, ``X = T D + T_W W`` with
+  dh x dh (``R x R``) maps; written as ``decay W - step X`` (the apply, the explicit sign's
+  forming pass, the reprojected momentum), or only its Gram ``X X^T`` accumulated without
+  storing ``X`` (the restart).
+
+A leg's rows ``R`` may exceed one block (joint's ``(G+1) dh``): rows are tiled in blocks of
+``BLOCK_R``, a Gram program computes one ``(i, j)`` block pair and an apply program one row
+block, reading all of the head's rows through the maps. The width is split into chunks so that
+realistic shapes launch hundreds of programs; partial Grams are summed in a fixed order
+afterwards (no atomics: steps are bit-reproducible). Big tensors ``(B, H, R, n)`` are read
+through their strides (views are never copied).
 """
 
 from __future__ import annotations
@@ -17,210 +26,319 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cm_triton.cost_model import use_kernel
-from cm_triton.kernels.common import DOT_PRECISION, TUNING, _block, _chunk, _padded, supported
-from cm_triton.reference import phases as ref
+from cm_triton.kernels.common import DOT_PRECISION, TUNING, _chunk, streams_take, unsupported
+
+__all__ = ["stream", "stream_grams", "cross_grams", "restart_gram", "apply_update"]
+
+FORMS = {"w": 0, "m": 1, "d": 2}  # stream_grams' names of the forms F0, F1, F2
+
+
+def _row_blocks(r: int, cap: int = 128) -> tuple[int, int]:
+    """``(BLOCK_R, blocks)`` for ``r`` rows: one power-of-two block up to ``cap``, else
+    blocks of ``cap`` rows."""
+    block = max(16, triton.next_power_of_2(r)) if r <= cap else cap
+    return block, triton.cdiv(r, block)
 
 
 @triton.jit
-def _direction(g, m_new, beta, NESTEROV: tl.constexpr):
-    if NESTEROV:
-        return g + beta * m_new
-    return m_new
+def _load(ptr, b, h, rows, cols, sb, sh, sr, sn, mask):
+    return tl.load(ptr + b * sb + h * sh + rows[:, None] * sr + cols[None, :] * sn, mask=mask,
+                   other=0.0).to(tl.float32)  # fmt: skip
 
 
 @triton.jit
-def _program(C, H, CHUNK, N):
-    """This program's head ``(b, h)``, its flat index ``bh``, its chunk ``c`` of the width and
-    the chunk's columns ``[start, stop)``: the grid is ``B * H * C`` programs."""
-    pid = tl.program_id(0)
-    c = pid % C
-    bh = pid // C
-    start = c * CHUNK
-    return bh // H, bh % H, bh, c, start, tl.minimum(start + CHUNK, N)
+def _form(f, x0, x1, x2, b, h, rows, cols, mask, a1, b1, a2, b2,
+          s0b, s0h, s0r, s0n, s1b, s1h, s1r, s1n, s2b, s2h, s2r, s2n,
+          HAS_X2: tl.constexpr):  # fmt: skip
+    """Form ``f`` of the operands on a tile: ``F0 = x0``, ``F1 = a1 x1 + b1 x2`` or
+    ``F2 = a2 x1 + b2 F1``."""
+    if f == 0:
+        x = _load(x0, b, h, rows, cols, s0b, s0h, s0r, s0n, mask)
+    else:
+        v1 = _load(x1, b, h, rows, cols, s1b, s1h, s1r, s1n, mask)
+        x = a1 * v1
+        if HAS_X2:
+            x += b1 * _load(x2, b, h, rows, cols, s2b, s2h, s2r, s2n, mask)
+        if f == 2:
+            x = a2 * v1 + b2 * x
+    return x
 
 
 @triton.jit
-def _stream_kernel(
-    w_ptr, g_ptr, m_ptr, mo_ptr, gram_ptr, beta, H, R, N, C, CHUNK,
-    swb, swh, swr, swn, sgb, sgh, sgr, sgn, smb, smh, smr, smn, sob, soh, sor, son,
-    NESTEROV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+def _gram_kernel(
+    x0, x1, x2, mo_ptr, gram_ptr, pairs_ptr, a1, b1, a2, b2, H, R, N, C, CHUNK, KB,
+    s0b, s0h, s0r, s0n, s1b, s1h, s1r, s1n, s2b, s2h, s2r, s2n, sob, soh, sor, son,
+    HAS_X2: tl.constexpr, WRITE_M: tl.constexpr, SAME: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # Inlined, not _program(): this order keeps ptxas's sm_80 allocation at dh 128 spill-free
-    # (it sits at 128 registers for 2 programs per SM; reordering these lines spills 16 B).
+    # SAME: every pair is a form with itself in one row block (the default stream: W W^T and
+    # D D^T), so one tile per step is live, as spill-free tiling at dh 128 on sm_80 needs.
+    # With WRITE_M the first pair is (F2, F2) and its j == 0 programs write F1 = m_new.
     pid = tl.program_id(0)
-    which = tl.program_id(1)  # 0: the partner Gram W W^T; 1: momentum and D D^T
+    q = tl.program_id(1)  # (pair, row block i, row block j)
     c = pid % C
     bh = pid // C
     b = bh // H
     h = bh % H
-    rows = tl.arange(0, BLOCK_R)
-    rmask = rows < R
+    pair = q // (KB * KB)
+    i = (q // KB) % KB
+    j = q % KB
+    fa = tl.load(pairs_ptr + 2 * pair)
+    fb = tl.load(pairs_ptr + 2 * pair + 1)
+    same = (fa == fb) & (i == j)
+    write = (pair == 0) & (j == 0)
+    ar = tl.arange(0, BLOCK_R)
+    rows_i = i * BLOCK_R + ar
+    rows_j = j * BLOCK_R + ar
     acc = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
     start = c * CHUNK
     stop = tl.minimum(start + CHUNK, N)
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        mask = rmask[:, None] & (cols < stop)[None, :]
-        if which == 0:
-            x = tl.load(w_ptr + b * swb + h * swh + rows[:, None] * swr + cols[None, :] * swn,
-                        mask=mask, other=0.0).to(tl.float32)  # fmt: skip
+        cm = (cols < stop)[None, :]
+        mask_i = (rows_i < R)[:, None] & cm
+        if WRITE_M:
+            if write:  # F1 = m_new written once per row block, F2 = D from the same loads
+                v1 = _load(x1, b, h, rows_i, cols, s1b, s1h, s1r, s1n, mask_i)
+                xm = a1 * v1 + b1 * _load(x2, b, h, rows_i, cols, s2b, s2h, s2r, s2n, mask_i)
+                out = mo_ptr + b * sob + h * soh + rows_i[:, None] * sor + cols[None, :] * son
+                tl.store(out, xm.to(mo_ptr.dtype.element_ty), mask=mask_i)
+                xa = a2 * v1 + b2 * xm
+            else:
+                xa = _form(fa, x0, x1, x2, b, h, rows_i, cols, mask_i, a1, b1, a2, b2, s0b, s0h,
+                           s0r, s0n, s1b, s1h, s1r, s1n, s2b, s2h, s2r, s2n, HAS_X2)  # fmt: skip
         else:
-            g = tl.load(g_ptr + b * sgb + h * sgh + rows[:, None] * sgr + cols[None, :] * sgn,
-                        mask=mask, other=0.0).to(tl.float32)  # fmt: skip
-            m = tl.load(m_ptr + b * smb + h * smh + rows[:, None] * smr + cols[None, :] * smn,
-                        mask=mask, other=0.0).to(tl.float32)  # fmt: skip
-            m_new = beta * m + g
-            out = mo_ptr + b * sob + h * soh + rows[:, None] * sor + cols[None, :] * son
-            tl.store(out, m_new.to(mo_ptr.dtype.element_ty), mask=mask)
-            x = _direction(g, m_new, beta, NESTEROV)
-        acc += tl.dot(x, tl.trans(x), input_precision=PRECISION)
-    base = gram_ptr + (((which * (tl.num_programs(0) // C) + bh) * C + c) * BLOCK_R * BLOCK_R)
-    tl.store(base + rows[:, None] * BLOCK_R + rows[None, :], acc)
+            xa = _form(fa, x0, x1, x2, b, h, rows_i, cols, mask_i, a1, b1, a2, b2, s0b, s0h, s0r,
+                       s0n, s1b, s1h, s1r, s1n, s2b, s2h, s2r, s2n, HAS_X2)  # fmt: skip
+        if SAME:
+            xb = xa
+        elif same:
+            xb = xa
+        else:
+            mask_j = (rows_j < R)[:, None] & cm
+            xb = _form(fb, x0, x1, x2, b, h, rows_j, cols, mask_j, a1, b1, a2, b2, s0b, s0h,
+                       s0r, s0n, s1b, s1h, s1r, s1n, s2b, s2h, s2r, s2n, HAS_X2)  # fmt: skip
+        acc += tl.dot(xa, tl.trans(xb), input_precision=PRECISION)
+    rp = KB * BLOCK_R
+    base = gram_ptr + ((pair * (tl.num_programs(0) // C) + bh) * C + c) * rp * rp
+    tl.store(base + rows_i[:, None] * rp + rows_j[None, :], acc)
 
 
 def _strides(x: Tensor) -> tuple[int, ...]:
     return tuple(x.stride())
 
 
+def _grams(x0: Tensor, x1: Tensor, x2: Tensor | None, coef: tuple[float, ...],
+           pairs: list[tuple[int, int]], m_out: Tensor | None) -> list[Tensor]:  # fmt: skip
+    """Launch ``_gram_kernel``: the ``(B, H, R, R)`` Gram of each pair of forms."""
+    b, h, r, n = x0.shape
+    # Cross pairs (W D^T, joint's groups) keep two tiles live: 64-row blocks stay spill-free
+    # on sm_80 where 128-row ones do not (bench/results/compile_report.md).
+    diagonal = all(fa == fb for fa, fb in pairs)
+    block_r, kb = _row_blocks(r, 128 if diagonal else 64)
+    same = kb == 1 and diagonal
+    warps, block_n, _ = TUNING["stream" if same else "stream_cross"][block_r]
+    chunk = _chunk(b, h * kb * kb, n, block_n)
+    c = triton.cdiv(n, chunk)
+    rp = kb * block_r
+    grams = torch.empty(len(pairs), b * h, c, rp, rp, dtype=torch.float32, device=x0.device)
+    table = torch.tensor(pairs, dtype=torch.int32, device=x0.device).reshape(-1)
+    x2_ = x1 if x2 is None else x2
+    mo = x1 if m_out is None else m_out
+    _gram_kernel[(b * h * c, len(pairs) * kb * kb)](
+        x0, x1, x2_, mo, grams, table, *(float(v) for v in coef), h, r, n, c, chunk, kb,
+        *_strides(x0), *_strides(x1), *_strides(x2_), *_strides(mo),
+        HAS_X2=x2 is not None, WRITE_M=m_out is not None, SAME=same, BLOCK_R=block_r,
+        BLOCK_N=block_n,
+        PRECISION=DOT_PRECISION, num_warps=warps,
+    )  # fmt: skip
+    full = grams.sum(2)[:, :, :r, :r]  # fixed-order sum over the chunks: deterministic
+    return list(full.reshape(len(pairs), b, h, r, r).unbind(0))
+
+
+def _check(kernel: str, *tensors: Tensor) -> None:
+    if not streams_take(*tensors):
+        raise unsupported(kernel, tensors[0])
+
+
+def stream_grams(
+    w: Tensor, g: Tensor, m: Tensor, beta: float, nesterov: bool,
+    want: tuple[str, ...] = ("ww", "dd"),
+) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+    """``reference.phases.stream_grams``, fused: one read of ``W, G, m``, ``m_new`` written
+    once, every wanted Gram accumulated in the same pass."""
+    _check("stream", w, g, m)
+    # F1 = m_new = G + beta m; F2 = D: m_new, or G + beta m_new (spec §3)
+    a2, b2 = (1.0, beta) if nesterov else (0.0, 1.0)
+    # The first pair writes m_new from the loads of D: D D^T goes first (always computed).
+    order = ["dd", *(k for k in want if k != "dd")]
+    pairs = [(FORMS[k[0]], FORMS[k[1]]) for k in order]
+    m_new = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    out = _grams(w, g, m, (1.0, beta, a2, b2), pairs, m_new)
+    return m_new, {k: x for k, x in zip(order, out) if k in want}
+
+
 def stream(
     w: Tensor, g: Tensor, m: Tensor, beta: float, nesterov: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``reference.phases.stream``, fused: ``(m_new, W W^T, D D^T)``."""
-    b, h, r, n = w.shape
-    if not supported(w, g, m) or w.numel() == 0 or not use_kernel("stream", b, h, r, n, w.device):
-        return ref.stream(w, g, m, beta, nesterov)
-    block_r = _block(r)
-    warps, block_n, _ = TUNING["stream"][block_r]
-    chunk = _chunk(b, h, n, block_n)
-    c = triton.cdiv(n, chunk)
-    m_new = torch.empty(w.shape, dtype=torch.float32, device=w.device)
-    grams = torch.empty(2, b * h, c, block_r, block_r, dtype=torch.float32, device=w.device)
-    _stream_kernel[(b * h * c, 2)](
-        w, g, m, m_new, grams, float(beta), h, r, n, c, chunk,
-        *_strides(w), *_strides(g), *_strides(m), *_strides(m_new),
-        NESTEROV=bool(nesterov), BLOCK_R=block_r, BLOCK_N=block_n, PRECISION=DOT_PRECISION,
-        num_warps=warps,
-    )  # fmt: skip
-    full = grams.sum(2)[:, :, :r, :r].reshape(2, b, h, r, r)  # fixed-order sum: deterministic
-    return m_new, full[0], full[1]
+    m_new, grams = stream_grams(w, g, m, beta, nesterov)
+    return m_new, grams["ww"], grams["dd"]
+
+
+def cross_grams(w: Tensor, u: Tensor) -> dict[str, Tensor]:
+    """``reference.phases.cross_grams``, fused: ``U U^T`` and ``W U^T`` in one pass."""
+    _check("cross_grams", w, u)
+    uu, wu = _grams(w, u, None, (1.0, 0.0, 0.0, 1.0), [(2, 2), (0, 2)], None)
+    return {"uu": uu, "wu": wu}
 
 
 @triton.jit
-def _tile_apply(
-    t_ptr, g_ptr, m_ptr, b, h, cols, cmask, beta, R, stb, sth, sgb, sgh, sgr, sgn,
-    smb, smh, smr, smn,
-    NESTEROV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+def _combo(
+    t_ptr, tw_ptr, w_ptr, g_ptr, m_ptr, b, h, bh, rows, cols, cmask, beta, R, RP,
+    swb, swh, swr, swn, sgb, sgh, sgr, sgn, smb, smh, smr, smn,
+    HAS_TW: tl.constexpr, NESTEROV: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """``T D[:, cols]`` for one head: ``(BLOCK_R, BLOCK_N)``, accumulated over K chunks of T."""
-    rows = tl.arange(0, BLOCK_R)
+    """``(T D + T_W W)[rows, cols]`` for one head, over K chunks of the maps' columns."""
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, BLOCK_R, BLOCK_K):
+    for k0 in range(0, RP, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < R
-        t = tl.load(t_ptr + b * stb + h * sth + rows[:, None] * BLOCK_R + ks[None, :])
-        dmask = kmask[:, None] & cmask[None, :]
-        m = tl.load(m_ptr + b * smb + h * smh + ks[:, None] * smr + cols[None, :] * smn,
-                    mask=dmask, other=0.0).to(tl.float32)  # fmt: skip
+        dmask = (ks < R)[:, None] & cmask[None, :]
+        t = tl.load(t_ptr + bh * RP * RP + rows[:, None] * RP + ks[None, :])
+        d = _load(m_ptr, b, h, ks, cols, smb, smh, smr, smn, dmask)
         if NESTEROV:
-            g = tl.load(g_ptr + b * sgb + h * sgh + ks[:, None] * sgr + cols[None, :] * sgn,
-                        mask=dmask, other=0.0).to(tl.float32)  # fmt: skip
-            d = g + beta * m
-        else:
-            d = m
+            d = _load(g_ptr, b, h, ks, cols, sgb, sgh, sgr, sgn, dmask) + beta * d
         acc += tl.dot(t, d, input_precision=PRECISION)
+        if HAS_TW:
+            tw = tl.load(tw_ptr + bh * RP * RP + rows[:, None] * RP + ks[None, :])
+            wv = _load(w_ptr, b, h, ks, cols, swb, swh, swr, swn, dmask)
+            acc += tl.dot(tw, wv, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
-def _restart_kernel(
-    t_ptr, g_ptr, m_ptr, gram_ptr, beta, H, R, N, C, CHUNK, stb, sth,
-    sgb, sgh, sgr, sgn, smb, smh, smr, smn,
-    NESTEROV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    b, h, bh, c, start, stop = _program(C, H, CHUNK, N)
-    rows = tl.arange(0, BLOCK_R)
-    acc = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
-    for n0 in range(start, stop, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        x = _tile_apply(t_ptr, g_ptr, m_ptr, b, h, cols, cols < stop, beta, R, stb, sth,
-                        sgb, sgh, sgr, sgn, smb, smh, smr, smn, NESTEROV, BLOCK_R, BLOCK_N,
-                        BLOCK_K, PRECISION)  # fmt: skip
-        acc += tl.dot(x, tl.trans(x), input_precision=PRECISION)
-    tl.store(gram_ptr + (bh * C + c) * BLOCK_R * BLOCK_R + rows[:, None] * BLOCK_R + rows[None, :],
-             acc)  # fmt: skip
-
-
-def restart_gram(t: Tensor, g: Tensor, m_new: Tensor, beta: float, nesterov: bool) -> Tensor:
-    """``reference.phases.restart_gram``, fused: ``(T D)(T D)^T`` without storing ``T D``."""
-    b, h, r, n = m_new.shape
-    if (not supported(g, m_new) or g.numel() == 0
-            or not use_kernel("restart", b, h, r, n, g.device)):  # fmt: skip
-        return ref.restart_gram(t, g, m_new, beta, nesterov)
-    block_r = _block(r)
-    warps, block_n, block_k = TUNING["restart"][block_r]
-    chunk = _chunk(b, h, n, block_n)
-    c = triton.cdiv(n, chunk)
-    tp = _padded(t, block_r)
-    grams = torch.empty(b * h, c, block_r, block_r, dtype=torch.float32, device=m_new.device)
-    _restart_kernel[(b * h * c,)](
-        tp, g, m_new, grams, float(beta), h, r, n, c, chunk, tp.stride(0), tp.stride(1),
-        *_strides(g), *_strides(m_new),
-        NESTEROV=bool(nesterov), BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION=DOT_PRECISION, num_warps=warps,
-    )  # fmt: skip
-    return grams.sum(1)[:, :r, :r].reshape(b, h, r, r)
-
-
-@triton.jit
-def _apply_kernel(
-    w_ptr, wo_ptr, t_ptr, g_ptr, m_ptr, step_ptr, decay, beta, H, R, N, C, CHUNK, stb, sth,
+def _map_kernel(
+    w_ptr, wo_ptr, t_ptr, tw_ptr, g_ptr, m_ptr, step_ptr, gram_ptr, decay, beta,
+    H, R, N, C, CHUNK, KB,
     swb, swh, swr, swn, sob, soh, sor, son, sgb, sgh, sgr, sgn, smb, smh, smr, smn,
-    NESTEROV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    MODE: tl.constexpr, HAS_TW: tl.constexpr, HAS_W: tl.constexpr, NESTEROV: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
-    b, h, bh, c, start, stop = _program(C, H, CHUNK, N)
-    rows = tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    step = tl.load(step_ptr + b)
-    for n0 in range(start, stop, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < stop
-        delta = _tile_apply(t_ptr, g_ptr, m_ptr, b, h, cols, cmask, beta, R, stb, sth,
-                            sgb, sgh, sgr, sgn, smb, smh, smr, smn, NESTEROV, BLOCK_R, BLOCK_N,
-                            BLOCK_K, PRECISION)  # fmt: skip
-        mask = rmask[:, None] & cmask[None, :]
-        w = tl.load(w_ptr + b * swb + h * swh + rows[:, None] * swr + cols[None, :] * swn,
-                    mask=mask, other=0.0).to(tl.float32)  # fmt: skip
-        out = decay * w - step * delta
-        tl.store(wo_ptr + b * sob + h * soh + rows[:, None] * sor + cols[None, :] * son,
-                 out.to(wo_ptr.dtype.element_ty), mask=mask)  # fmt: skip
+    """MODE 0: ``out = decay W - step X``; MODE 1: partial Grams ``X_i X_j^T``."""
+    pid = tl.program_id(0)
+    q = tl.program_id(1)
+    c = pid % C
+    bh = pid // C
+    b = bh // H
+    h = bh % H
+    rp = KB * BLOCK_R
+    ar = tl.arange(0, BLOCK_R)
+    start = c * CHUNK
+    stop = tl.minimum(start + CHUNK, N)
+    if MODE == 0:
+        rows = q * BLOCK_R + ar
+        rmask = rows < R
+        step = tl.load(step_ptr + b)
+        for n0 in range(start, stop, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < stop
+            x = _combo(t_ptr, tw_ptr, w_ptr, g_ptr, m_ptr, b, h, bh, rows, cols, cmask, beta, R,
+                       rp, swb, swh, swr, swn, sgb, sgh, sgr, sgn, smb, smh, smr, smn, HAS_TW,
+                       NESTEROV, BLOCK_R, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
+            mask = rmask[:, None] & cmask[None, :]
+            out = -step * x
+            if HAS_W:
+                out += decay * _load(w_ptr, b, h, rows, cols, swb, swh, swr, swn, mask)
+            tl.store(wo_ptr + b * sob + h * soh + rows[:, None] * sor + cols[None, :] * son,
+                     out.to(wo_ptr.dtype.element_ty), mask=mask)  # fmt: skip
+    else:
+        i = q // KB
+        j = q % KB
+        rows_i = i * BLOCK_R + ar
+        rows_j = j * BLOCK_R + ar
+        acc = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+        for n0 in range(start, stop, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < stop
+            xi = _combo(t_ptr, tw_ptr, w_ptr, g_ptr, m_ptr, b, h, bh, rows_i, cols, cmask, beta,
+                        R, rp, swb, swh, swr, swn, sgb, sgh, sgr, sgn, smb, smh, smr, smn,
+                        HAS_TW, NESTEROV, BLOCK_R, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
+            if ONE_BLOCK:
+                xj = xi
+            elif i == j:
+                xj = xi
+            else:
+                xj = _combo(t_ptr, tw_ptr, w_ptr, g_ptr, m_ptr, b, h, bh, rows_j, cols, cmask,
+                            beta, R, rp, swb, swh, swr, swn, sgb, sgh, sgr, sgn, smb, smh, smr,
+                            smn, HAS_TW, NESTEROV, BLOCK_R, BLOCK_N, BLOCK_K,
+                            PRECISION)  # fmt: skip
+            acc += tl.dot(xi, tl.trans(xj), input_precision=PRECISION)
+        base = gram_ptr + (bh * C + c) * rp * rp
+        tl.store(base + rows_i[:, None] * rp + rows_j[None, :], acc)
+
+
+def _pad_maps(t: Tensor, b: int, h: int, r: int, rp: int) -> Tensor:
+    """``(B, H, r, r)`` (or broadcastable) -> ``(B, H, rp, rp)`` fp32, zero-padded."""
+    out = torch.zeros(b, h, rp, rp, dtype=torch.float32, device=t.device)
+    out[..., :r, :r] = t
+    return out
+
+
+def _launch_maps(mode: int, w: Tensor, t: Tensor, t_w: Tensor | None, g: Tensor, m: Tensor,
+                 beta: float, nesterov: bool, decay: float = 0.0,
+                 step: Tensor | float = 0.0, out: Tensor | None = None) -> Tensor:  # fmt: skip
+    b, h, r, n = m.shape
+    block_r, kb = _row_blocks(r)
+    phase = "restart" if mode == 1 else ("apply_tw" if t_w is not None else "apply")
+    warps, block_n, block_k = TUNING[phase][block_r]
+    rp = kb * block_r
+    blocks = kb if mode == 0 else kb * kb
+    chunk = _chunk(b, h * blocks, n, block_n)
+    c = triton.cdiv(n, chunk)
+    tp = _pad_maps(t, b, h, r, rp)
+    twp = tp if t_w is None else _pad_maps(t_w, b, h, r, rp)
+    steps = torch.as_tensor(step, dtype=torch.float32, device=m.device).reshape(-1).expand(b)
+    steps = steps.contiguous()
+    grams = None
+    if mode == 1:
+        grams = torch.empty(b * h, c, rp, rp, dtype=torch.float32, device=m.device)
+        out = m
+    _map_kernel[(b * h * c, blocks)](
+        w, out, tp, twp, g, m, steps, grams if grams is not None else tp, float(decay),
+        float(beta), h, r, n, c, chunk, kb, *_strides(w), *_strides(out), *_strides(g),
+        *_strides(m), MODE=mode, HAS_TW=t_w is not None, HAS_W=mode == 0 and decay != 0.0,
+        NESTEROV=bool(nesterov), ONE_BLOCK=kb == 1, BLOCK_R=block_r, BLOCK_N=block_n,
+        BLOCK_K=block_k, PRECISION=DOT_PRECISION, num_warps=warps,
+    )  # fmt: skip
+    if mode == 1:
+        return grams.sum(1)[:, :r, :r].reshape(b, h, r, r)
+    return out
+
+
+def restart_gram(
+    t: Tensor, g: Tensor, m_new: Tensor, beta: float, nesterov: bool,
+    w: Tensor | None = None, t_w: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """``reference.phases.restart_gram``, fused: ``X X^T`` for ``X = T D (+ T_W W)``, without
+    storing ``X``."""
+    _check("restart", m_new, g, *(() if w is None else (w,)))
+    if t_w is not None:
+        # The reprojected direction's restart (T D + T_W W): formed by the apply kernel and
+        # its Gram taken by the Gram kernel, an explicit pass (one more write and read of X):
+        # fused, the two products per tile spill on sm_80 at dh 64 whatever the tiling.
+        x = torch.empty(m_new.shape, dtype=torch.float32, device=m_new.device)
+        x = _launch_maps(0, w, t, t_w, g, m_new, beta, nesterov, 0.0, -1.0, x)
+        return _grams(x, x, None, (1.0, 0.0, 0.0, 1.0), [(0, 0)], None)[0]
+    return _launch_maps(1, m_new, t, None, g, m_new, beta, nesterov)
 
 
 def apply_update(
     w: Tensor, t: Tensor, g: Tensor, m_new: Tensor, beta: float, nesterov: bool,
-    decay: float, step: Tensor | float,
+    decay: float, step: Tensor | float, t_w: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """``reference.phases.apply_update``, fused: ``decay W - step T D`` (fp32 result)."""
-    b, h, r, n = w.shape
-    if not supported(w, g, m_new) or w.numel() == 0 or not use_kernel("apply", b, h, r, n,
-                                                                        w.device):  # fmt: skip
-        return ref.apply_update(w, t, g, m_new, beta, nesterov, decay, step)
-    block_r = _block(r)
-    warps, block_n, block_k = TUNING["apply"][block_r]
-    chunk = _chunk(b, h, n, block_n)
-    c = triton.cdiv(n, chunk)
-    tp = _padded(t, block_r)
-    steps = torch.as_tensor(step, dtype=torch.float32, device=w.device).reshape(-1).expand(b)
-    steps = steps.contiguous()
+    """``reference.phases.apply_update``, fused: ``decay W - step (T D + T_W W)`` (fp32)."""
+    _check("apply", w, g, m_new)
     out = torch.empty(w.shape, dtype=torch.float32, device=w.device)
-    _apply_kernel[(b * h * c,)](
-        w, out, tp, g, m_new, steps, float(decay), float(beta), h, r, n, c, chunk,
-        tp.stride(0), tp.stride(1), *_strides(w), *_strides(out), *_strides(g), *_strides(m_new),
-        NESTEROV=bool(nesterov), BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION=DOT_PRECISION, num_warps=warps,
-    )  # fmt: skip
-    return out
+    return _launch_maps(0, w, t, t_w, g, m_new, beta, nesterov, decay, step, out)

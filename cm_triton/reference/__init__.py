@@ -9,7 +9,7 @@ from cm_triton.reference.primitives import (
     msign,
     partner_roots,
 )
-from cm_triton.reference.rule import REFERENCE, Primitives, direction, pair_step, scalar_roots
+from cm_triton.reference.rule import REFERENCE, Primitives, pair_step
 
 __all__ = [
     "msign",
@@ -19,8 +19,6 @@ __all__ = [
     "partner_roots",
     "apply_root",
     "connect",
-    "scalar_roots",
-    "direction",
     "pair_step",
     "Primitives",
     "REFERENCE",

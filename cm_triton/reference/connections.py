@@ -5,6 +5,11 @@ Generic form. A pair is a per-query factor ``P (Hq, dh, d)`` and a shared factor
 QK is ``P = Q, S = K``; OV is ``P = O^T`` (column blocks of ``o_w`` transposed), ``S = V``.
 In this form both pairs share one vertical family, ``(X^T P_h, -X S_g)`` per group ``g``
 (the spec's OV formulas are these with ``X -> -X``), so one function serves both.
+
+Every connection is dh x dh algebra on Grams (spec §2.2): ``vertical_map`` finds ``X`` from
+the weights' Grams ``W W^T`` and their cross-Grams ``W Delta^T`` with the direction, and the
+correction is a map on the weights, ``dP_h <- dP_h - X^T P_h``, ``dS_g <- dS_g + X S_g``
+(``weight_maps``). ``connect`` is the same on big tensors, for callers that hold them.
 """
 
 from __future__ import annotations
@@ -12,19 +17,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cm_triton.reference.primitives import gram
-
-__all__ = ["connect"]
+__all__ = ["connect", "vertical_map", "weight_maps"]
 
 
-def _group_sum(x: Tensor, groups: int) -> Tensor:
-    """``(Hq, ...) -> (Hkv, ...)``: sum over the G query heads of each KV group."""
-    return x.view(groups, x.shape[0] // groups, *x.shape[1:]).sum(1)
-
-
-def _dot(x: Tensor, y: Tensor) -> Tensor:
-    """Per-head Frobenius inner product: ``(H, dh, d), (H, dh, d) -> (H,)``."""
-    return (x * y).sum((-2, -1))
+def _trace(x: Tensor) -> Tensor:
+    return x.diagonal(dim1=-2, dim2=-1).sum(-1)
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
@@ -32,51 +29,41 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(den == 0, torch.zeros_like(num), num / torch.where(den == 0, 1, den))
 
 
-def _apply_vertical(p, s, dp, ds, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``dP_h <- dP_h - X_g^T P_h``, ``dS_g <- dS_g + X_g S_g`` for ``X (Hkv, dh, dh)``."""
-    hkv = s.shape[0]
-    g = p.shape[0] // hkv
-    xt = x.mT.unsqueeze(1)  # (Hkv, 1, dh, dh), broadcast over the group
-    dp_new = dp - (xt @ p.view(hkv, g, *p.shape[1:])).view_as(p)
-    return dp_new, ds + x @ s
-
-
 def _sylvester(a_p: Tensor, a_s: Tensor, rhs: Tensor) -> Tensor:
-    """Solve ``A_P X + X A_S = R`` for SPD ``A_P, A_S``: ``(B, n, n) x3 -> (B, n, n)``."""
+    """Solve ``A_P X + X A_S = R`` for SPD ``A_P, A_S``: ``(..., n, n) x3 -> (..., n, n)``."""
     alpha, u = torch.linalg.eigh(a_p)
     kappa, v = torch.linalg.eigh(a_s)
     return u @ ((u.mT @ rhs @ v) / (alpha.unsqueeze(-1) + kappa.unsqueeze(-2))) @ v.mT
 
 
-def connect(
-    p: Tensor, s: Tensor, dp: Tensor, ds: Tensor, kind: str, damping: float
-) -> tuple[Tensor, Tensor]:
-    """Project the direction pair ``(dP, dS)`` onto the horizontal space (spec §4.6).
+def vertical_map(
+    kind: str, ww_p: Tensor, ww_s: Tensor, wd_p: Tensor, wd_s: Tensor, damping: float
+) -> Tensor:
+    """The vertical generator ``X`` of a connection (spec §4.6), from Grams only.
 
-    Shapes: ``p, dp (Hq, dh, d); s, ds (Hkv, dh, d) -> (dp', ds')`` of the same shapes.
-    ``kind`` is one of ``"none", "frobenius", "frobenius_scalar", "scale_aware",
-    "scale_aware_scalar"``. Partner Grams are damped by ``damping``; a shared factor's partner
-    sums over its group.
+    Shapes: ``ww_p = P_h P_h^T``, ``wd_p = P_h dP_h^T`` ``(..., Hq, dh, dh)``; ``ww_s``,
+    ``wd_s = S_g dS_g^T`` ``(..., Hkv, dh, dh)`` -> ``X (..., Hkv, dh, dh)``. ``kind`` is one
+    of ``"frobenius", "frobenius_scalar", "scale_aware", "scale_aware_scalar"``. Partner Grams
+    are damped by ``damping``; the per-query side sums over its group.
     """
-    if kind == "none":
-        return dp, ds
-    hkv, dh = s.shape[0], s.shape[1]
-    g = p.shape[0] // hkv
+    hkv, dh = ww_s.shape[-3], ww_s.shape[-1]
+    g = ww_p.shape[-3] // hkv
+
+    def gsum(x: Tensor) -> Tensor:  # (..., Hq, *t) -> (..., Hkv, *t)
+        n = x.dim() - (ww_p.dim() - 3)  # trailing dims after the head axis, plus it
+        return x.unflatten(-n, (hkv, g)).sum(-n)
+
     if kind in ("frobenius", "scale_aware"):
-        a_p = gram(p, g, damping)  # (Hkv, dh, dh)
-        a_s = gram(s, 1, damping)
-        r_p = _group_sum(p @ dp.mT, hkv)  # sum_h P_h dP_h^T
-        r_s = ds @ s.mT  # dS S^T
+        eye = torch.eye(dh, dtype=ww_s.dtype, device=ww_s.device)
+        a_p = gsum(ww_p) + damping * eye
+        a_s = ww_s + damping * eye
+        r_p = gsum(wd_p)  # sum_h P_h dP_h^T
+        r_s = wd_s.mT  # dS S^T
         if kind == "frobenius":
-            x = _sylvester(a_p, a_s, r_p - r_s)
-        else:
-            x = 0.5 * (torch.linalg.solve(a_p, r_p) - torch.linalg.solve(a_s, r_s.mT).mT)
-        return _apply_vertical(p, s, dp, ds, x)
-    # Scalar connections: X = x I per group.
-    pp = _group_sum(_dot(p, p), hkv)
-    ss = _dot(s, s)
-    pdp = _group_sum(_dot(p, dp), hkv)
-    sds = _dot(s, ds)
+            return _sylvester(a_p, a_s, r_p - r_s)
+        return 0.5 * (torch.linalg.solve(a_p, r_p) - torch.linalg.solve(a_s, r_s.mT).mT)
+    pp, ss = gsum(_trace(ww_p)), _trace(ww_s)
+    pdp, sds = gsum(_trace(wd_p)), _trace(wd_s)
     if kind == "frobenius_scalar":
         x = _safe_div(pdp - sds, pp + ss + 2 * dh * damping)
     elif kind == "scale_aware_scalar":
@@ -85,5 +72,27 @@ def connect(
         x = _safe_div(c2_s * pdp - c2_p * sds, c2_s * pp + c2_p * ss)
     else:
         raise ValueError(f"unknown connection {kind!r}")
-    eye = torch.eye(dh, dtype=p.dtype, device=p.device)
-    return _apply_vertical(p, s, dp, ds, x[:, None, None] * eye)
+    return x[..., None, None] * torch.eye(dh, dtype=ww_s.dtype, device=ww_s.device)
+
+
+def weight_maps(x: Tensor, g: int) -> tuple[Tensor, Tensor]:
+    """The correction as maps on the weights: ``dP_h += E_P,h P_h``, ``dS_g += E_S,g S_g``.
+
+    Shapes: ``x (..., Hkv, dh, dh)`` -> ``E_P = -X_g(h)^T (..., Hq, dh, dh)``, ``E_S = X``.
+    """
+    return -x.mT.repeat_interleave(g, dim=-3), x
+
+
+def connect(
+    p: Tensor, s: Tensor, dp: Tensor, ds: Tensor, kind: str, damping: float
+) -> tuple[Tensor, Tensor]:
+    """Project the direction pair ``(dP, dS)`` onto the horizontal space (spec §4.6).
+
+    Shapes: ``p, dp (Hq, dh, d); s, ds (Hkv, dh, d) -> (dp', ds')`` of the same shapes.
+    ``kind`` is ``"none"`` or one of ``vertical_map``'s.
+    """
+    if kind == "none":
+        return dp, ds
+    x = vertical_map(kind, p @ p.mT, s @ s.mT, p @ dp.mT, s @ ds.mT, damping)
+    e_p, e_s = weight_maps(x, p.shape[-3] // s.shape[-3])
+    return dp + e_p @ p, ds + e_s @ s

@@ -14,10 +14,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from cm_triton.reference.primitives import gram_polynomial, msign
+from cm_triton.reference.primitives import msign
 
-__all__ = ["GRAM_MIN_ASPECT", "use_gram", "block_diag", "apply_blocks", "whitened_map",
-           "whitened_sign"]  # fmt: skip
+__all__ = ["GRAM_MIN_ASPECT", "use_gram", "block_diag", "apply_blocks", "whitened_sign"]
 
 # Gram form costs ~8 m^2 n for its passes (two Grams, the restart's apply, the final apply)
 # plus 8 m^3 per step (R^2, PQ, PR, (PR)P); iterating on X costs 4 m^2 n + 2 m^3 per step.
@@ -37,7 +36,8 @@ def block_diag(blocks: Tensor) -> Tensor:
     if k == 1:
         return blocks.reshape(*lead, dh, dh)
     out = blocks.new_zeros(*lead, k, dh, k, dh)
-    out.diagonal(dim1=-4, dim2=-2).copy_(blocks.permute(*range(len(lead)), 2, 3, 1))
+    n = len(lead)
+    out.diagonal(dim1=-4, dim2=-2).copy_(blocks.permute(*range(n), n + 1, n + 2, n))
     return out.reshape(*lead, k * dh, k * dh)
 
 
@@ -47,48 +47,9 @@ def apply_blocks(blocks: Tensor, x: Tensor) -> Tensor:
     return (blocks @ x.unflatten(-2, (k, dh))).flatten(-3, -2)
 
 
-def _trace(x: Tensor) -> Tensor:
-    return x.diagonal(dim1=-2, dim2=-1).sum(-1)
-
-
 def _block_traces(x: Tensor, k: int) -> Tensor:
     """Traces of the k diagonal blocks: ``(B, k*dh, k*dh) -> (B, k)``."""
     return x.diagonal(dim1=-2, dim2=-1).unflatten(-1, (k, -1)).sum(-1)
-
-
-def whitened_map(
-    d: Tensor,
-    pre: Tensor | None,
-    post: Tensor | None,
-    coefficients: Sequence[tuple[float, float, float]],
-    restart: int = 0,
-    k: int = 1,
-) -> tuple[Tensor, Tensor]:
-    """The leg's map ``T`` with ``post msign(pre D) = T D``, by the Gram iteration (spec §2.1).
-
-    Shapes: ``d (B, m, n)`` with ``m = k*dh <= n``; ``pre, post (B, k, dh, dh)`` or None (the
-    identity) -> ``T (B, m, m)`` and ``u_sq (B, k)``, the squared Frobenius norm of each dh-row
-    block of ``msign(pre D)`` (read off the final Gram, for per_mat_renorm).
-    """
-    s = d @ d.mT
-    eye = torch.eye(d.shape[-2], dtype=d.dtype, device=d.device)
-    pre_m = eye if pre is None else block_diag(pre)
-    r = s if pre is None else pre_m @ s @ pre_m.mT
-    # nu = ||pre D||_F 1.01 + 1e-7 = sqrt(tr(pre S pre^T)) 1.01 + 1e-7: msign's normalisation.
-    nu = (_trace(r).clamp_min(0).sqrt() * 1.01 + 1e-7)[:, None, None]
-    t = pre_m / nu
-    r = r / (nu * nu)
-    if 0 < restart < len(coefficients):
-        q, _ = gram_polynomial(r, coefficients[:restart])
-        t = q @ t
-        x = t @ d  # the restart's extra pass: X_r = Q_r pre D / nu, formed explicitly
-        r = x @ x.mT
-        coefficients = coefficients[restart:]
-    q, r_final = gram_polynomial(r, coefficients)
-    t = q @ t
-    if post is not None:
-        t = block_diag(post) @ t
-    return t, _block_traces(r_final, k)
 
 
 def whitened_sign(
@@ -109,12 +70,21 @@ def whitened_sign(
     ``method``: ``"gram"`` evaluates in Gram form where that is cheaper (``use_gram``),
     otherwise Newton-Schulz iterations in ``dtype``.
     """
+    from cm_triton.reference import phases  # phases builds on this module
+
     m, n = d.shape[-2:]
     k = blocks
     gram_form = use_gram(m, n, method)
-    if gram_form and m <= n:
-        t, u_sq = whitened_map(d, pre, post, coefficients, restart, k)
-        return t @ d, u_sq
+    if gram_form and m <= n:  # the pipeline's own phases, on one leg of B entries
+        d4 = d.unsqueeze(1)
+        pre_m = None if pre is None else block_diag(pre).unsqueeze(1)
+        t, r = phases.first_maps(d4 @ d4.mT, pre_m, coefficients[:restart])
+        if restart:
+            r = phases.restart_gram(t, d4, d4, 0.0, False)
+        t, _ = phases.last_maps(r, t, None, coefficients[restart:])
+        u = t @ d4
+        delta = u if post is None else block_diag(post).unsqueeze(1) @ u
+        return delta[:, 0], _block_traces(u[:, 0] @ u[:, 0].mT, k)
     w = d if pre is None else apply_blocks(pre, d)
     u = msign(w, coefficients, dtype, "gram" if gram_form else "ns", restart)
     u_sq = u.square().unflatten(-2, (k, -1)).sum((-2, -1))

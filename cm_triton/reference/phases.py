@@ -51,13 +51,35 @@ def _direction(g: Tensor, m_new: Tensor, beta: float, nesterov: bool) -> Tensor:
     return g + beta * m_new if nesterov else m_new
 
 
+GRAMS = ("ww", "dd", "wd", "wm")
+
+
+def stream_grams(
+    w: Tensor, g: Tensor, m: Tensor, beta: float, nesterov: bool,
+    want: tuple[str, ...] = ("ww", "dd"),
+) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+    """Phase A: ``(w, g, m) (B, H, R, n) -> (m_new, Grams)``, one read of each.
+
+    ``want`` names the ``(B, H, R, R)`` Grams among ``GRAMS``: ``ww = W W^T``,
+    ``dd = D D^T``, ``wd = W D^T``, ``wm = W m_new^T`` (``D`` the direction of spec §3).
+    """
+    m_new = beta * m + g
+    d = _direction(g, m_new, beta, nesterov)
+    forms = {"w": w, "d": d, "m": m_new}
+    return m_new, {k: forms[k[0]] @ forms[k[1]].mT for k in want}
+
+
 def stream(
     w: Tensor, g: Tensor, m: Tensor, beta: float, nesterov: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Phase A: ``(w, g, m) (B, H, dh, n) -> (m_new, W W^T, D D^T)``; ``D`` the direction."""
-    m_new = beta * m + g
-    d = _direction(g, m_new, beta, nesterov)
-    return m_new, w @ w.mT, d @ d.mT
+    """Phase A of the default flags: ``-> (m_new, W W^T, D D^T)``."""
+    m_new, grams = stream_grams(w, g, m, beta, nesterov)
+    return m_new, grams["ww"], grams["dd"]
+
+
+def cross_grams(w: Tensor, u: Tensor) -> dict[str, Tensor]:
+    """An explicit sign's Grams: ``w, u (B, H, R, n) -> {"uu": U U^T, "wu": W U^T}``."""
+    return {"uu": u @ u.mT, "wu": w @ u.mT}
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -84,9 +106,14 @@ def first_maps(s: Tensor, pre: Tensor | None, coefficients: Coefficients) -> tup
     return torch.bmm(q, t.expand_as(q).contiguous()).view(shape), r.view(shape)
 
 
-def restart_gram(t: Tensor, g: Tensor, m_new: Tensor, beta: float, nesterov: bool) -> Tensor:
-    """Phase A2: ``X = T D`` formed from the direction, ``-> X X^T (B, H, dh, dh)``."""
+def restart_gram(
+    t: Tensor, g: Tensor, m_new: Tensor, beta: float, nesterov: bool,
+    w: Tensor | None = None, t_w: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """Phase A2: ``X = T D (+ T_W W)`` formed from the direction, ``-> X X^T (B, H, R, R)``."""
     x = t @ _direction(g, m_new, beta, nesterov)
+    if t_w is not None:
+        x = x + t_w @ w
     return x @ x.mT
 
 
@@ -104,10 +131,16 @@ def last_maps(
 
 def apply_update(
     w: Tensor, t: Tensor, g: Tensor, m_new: Tensor, beta: float, nesterov: bool,
-    decay: float, step: Tensor | float,
+    decay: float, step: Tensor | float, t_w: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """Phase C: ``W <- decay W - step T D`` (``step`` a float or ``(B, 1, 1, 1)``)."""
+    """Phase C: ``W <- decay W - step (T D + T_W W)`` (``step`` a float or ``(B, 1, 1, 1)``).
+
+    Shapes: ``w, g, m_new (B, H, R, n)``; ``t, t_w (B, H, R, R)``. The same pass forms an
+    explicit sign's operand (``decay 0, step -1``) and the reprojected momentum.
+    """
     d = _direction(g, m_new, beta, nesterov)
+    if t_w is not None:
+        return decay * w - step * (t @ d + t_w @ w)
     if isinstance(step, Tensor):
         return decay * w - step * (t @ d)
     # One fused product-and-update: beta W + alpha T D, batched over every head.
@@ -122,6 +155,8 @@ class PhaseOps:
     """One backend's implementation of each phase (see the module docstring)."""
 
     stream: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    stream_grams: Callable[..., tuple[Tensor, dict[str, Tensor]]]
+    cross_grams: Callable[..., dict[str, Tensor]]
     first_maps: Callable[..., tuple[Tensor, Tensor]]
     restart_gram: Callable[..., Tensor]
     last_maps: Callable[..., tuple[Tensor, Tensor]]
@@ -129,7 +164,8 @@ class PhaseOps:
     inv_sqrt: Callable[..., Tensor]
 
 
-REFERENCE_PHASES = PhaseOps(stream, first_maps, restart_gram, last_maps, apply_update, inv_sqrt)
+REFERENCE_PHASES = PhaseOps(stream, stream_grams, cross_grams, first_maps, restart_gram,
+                            last_maps, apply_update, inv_sqrt)  # fmt: skip
 
 
 def fusable(opts: CMOptions, dh: int, width_p: int, width_s: int) -> bool:

@@ -320,9 +320,11 @@ def report(meta: dict, sweep: list[dict], summary: dict, comps: list[dict]) -> s
     for name, s in sorted(stats.items(), key=lambda kv: kv[1]["val_mean_std"][0]):
         m, sd = s["val_mean_std"]
         per_seed = ", ".join(f"{v:.4f}" for v in s["val"])
-        secs = statistics.fmean(s["train_seconds"])
-        lines.append(f"| {name} | {s['lr']:g} | {m:.4f} ± {sd:.4f} | {per_seed} | {secs:.0f} "
-                     f"| {1000 * secs / meta['steps']:.0f} |")  # fmt: skip
+        ts = s["train_seconds"]
+        secs = f"{statistics.fmean(ts):.0f} ({min(ts):.0f}–{max(ts):.0f})"
+        ms = 1000 * statistics.fmean(ts) / meta["steps"]
+        lines.append(f"| {name} | {s['lr']:g} | {m:.4f} ± {sd:.4f} | {per_seed} | {secs} "
+                     f"| {ms:.0f} |")  # fmt: skip
     lines += ["", "Std is the sample standard deviation over seeds (the seed spread).", ""]
     lines += [
         "## 3. Paired differences (same seed: same initial weights, same batches)",

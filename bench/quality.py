@@ -314,7 +314,8 @@ def report(meta: dict, sweep: list[dict], summary: dict, comps: list[dict]) -> s
         "",
         f"## 2. Final runs at the best lr, seeds {meta['seeds']}",
         "",
-        "| optimizer | lr | final val loss, mean ± std | per seed | training s, mean | ms/step |",
+        "| optimizer | lr | final val loss, mean ± std | per seed "
+        "| training s, mean (min–max) | ms/step |",
         "|---|---|---|---|---|---|",
     ]
     for name, s in sorted(stats.items(), key=lambda kv: kv[1]["val_mean_std"][0]):

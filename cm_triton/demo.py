@@ -6,7 +6,9 @@
 
 Default data: the documentation text that ships inside CPython (``pydoc_data.topics``, about
 0.47 MB of English technical prose), byte-level, last 10% held out for validation.
-``--data PATH`` takes any UTF-8 text file. Nothing is downloaded.
+``--corpus c-headers`` takes the C API headers every CPython install has instead (about 0.89 MB
+of C); ``--data PATH`` takes any UTF-8 text file. Nothing is downloaded.
+``--size 4x`` trains a model about 4x the default's 0.81M parameters (width 256, 8/4 heads).
 """
 
 from __future__ import annotations
@@ -27,17 +29,33 @@ from tqdm import tqdm
 from cm_triton.discovery import param_groups
 from cm_triton.optim import CompositionalMuon
 
-OPTIMIZERS = ("cm", "cm-isotropic", "cm-release", "cm-per-query", "muon", "adamw")
+OPTIMIZERS = ("cm", "cm-isotropic", "cm-release", "cm-per-query", "cm-damp1e-3", "cm-damp1e-1",
+              "cm-pre", "cm-post", "cm-frob", "muon-per-head", "muon", "adamw")  # fmt: skip
 # Matrix lr per optimizer (AdamW's lr for "adamw"): the best of bench/quality.py's 1000-step
-# sweep on the default data, factor-2 grids, seed 99 (bench/results/quality.md).
+# sweep on the default data, factor-2 grids, seed 99 (bench/results/quality.md). The CM
+# variants below "cm-per-query" and "muon-per-head" were not swept there: they take cm's rate.
 LR = {"cm": 0.01, "cm-isotropic": 0.01, "cm-release": 0.01, "cm-per-query": 0.01, "muon": 0.005,
       "adamw": 1.5e-3}  # fmt: skip
+LR.update({n: LR["cm"] for n in OPTIMIZERS if n not in LR})
 # "cm-release": CM evaluated as the release does (Newton-Schulz iterations on each head, the
 # 25-step Newton inverse root), for comparing this package's Gram-form default against it.
 RELEASE_EVALUATION = {"ns_method": "ns", "inv_root": "newton"}
+# Options of the CM attention groups, per optimizer name (param_groups' keyword arguments):
 # "cm-per-query": the shared K/V factors' budget b / G (gqa_budget="per_query", as
-# microsoft/dion's port; spec §1), against the default "group".
-OPTIONS = {"cm-release": RELEASE_EVALUATION, "cm-per-query": {"gqa_budget": "per_query"}}
+# microsoft/dion's port; spec §1), against the default "group". "cm-damp1e-3"/"cm-damp1e-1":
+# the damping λ of the inverse roots (default 1e-2). "cm-pre"/"cm-post": only the inner or
+# only the outer whitening. "cm-frob": connection="frobenius_scalar". "muon-per-head":
+# whitening="none", each head orthogonalised on its own (per-head Muon; spec §4).
+OPTIONS = {
+    "cm-release": RELEASE_EVALUATION,
+    "cm-per-query": {"gqa_budget": "per_query"},
+    "cm-damp1e-3": {"damping": 1e-3},
+    "cm-damp1e-1": {"damping": 1e-1},
+    "cm-pre": {"whitening": "pre"},
+    "cm-post": {"whitening": "post"},
+    "cm-frob": {"connection": "frobenius_scalar"},
+    "muon-per-head": {"whitening": "none"},
+}
 ADAMW_LR = 3e-3  # embeddings, head, norms: the same AdamW for every optimizer
 
 
@@ -50,6 +68,11 @@ class GPTConfig:
     n_head: int = 4
     n_kv_head: int = 2  # grouped-query attention, G = 2
     d_model: int = 128
+
+
+# Model sizes: "demo" is GPTConfig()'s defaults (0.81M parameters); "4x" doubles the width
+# and the head counts (head size 32 and G = 2 kept, same depth): 3.05M parameters, 3.8x.
+SIZES = {"demo": GPTConfig(), "4x": GPTConfig(d_model=256, n_head=8, n_kv_head=4)}
 
 
 class Attention(nn.Module):
@@ -119,10 +142,32 @@ def embedded_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def load_bytes(path: str | None, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train/validation byte tensors (last 10% held out)."""
+def c_headers_text() -> str:
+    """The C API headers of this Python (``sysconfig``'s include dir, ``*.h`` under it, about
+    0.89 MB for CPython 3.11): C declarations and macros, a different kind of text from the
+    docs topics. Files joined in the order of their relative paths, each under a
+    ``/* path */`` line."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["include"])
+    files = sorted(root.rglob("*.h"), key=lambda f: f.relative_to(root).as_posix())
+    if not files:
+        raise SystemExit(f"error: corpus c-headers: no *.h files under {root}")
+    return "\n\n".join(
+        f"/* {f.relative_to(root).as_posix()} */\n" + f.read_text(encoding="utf-8") for f in files
+    )
+
+
+CORPORA = {"topics": embedded_text, "c-headers": c_headers_text}
+
+
+def load_bytes(
+    path: str | None, block_size: int, corpus: str = "topics"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train/validation byte tensors (last 10% held out) of the file ``path``, or of the
+    built-in ``corpus`` (a key of ``CORPORA``) without one."""
     if path is None:
-        text = embedded_text()
+        text = CORPORA[corpus]()
     else:
         p = Path(path)
         if not p.is_file():
@@ -173,10 +218,13 @@ def evaluate(model: nn.Module, val: torch.Tensor, args, device: str) -> float:
 def train(name: str, args, train_data, val_data) -> dict:
     torch.manual_seed(args.seed)
     device = args.device
-    model = GPT(GPTConfig()).to(device)
+    model = GPT(SIZES[getattr(args, "size", "demo")]).to(device)
     opt = make_optimizer(name, model, args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     curve: list[tuple[int, float]] = []
+    # (step, training seconds so far, val loss): the time excludes the evaluations, which
+    # cost every optimizer the same.
+    timed: list[tuple[int, float, float]] = []
     first = 1
     if args.resume:
         ck = torch.load(args.resume)
@@ -186,7 +234,10 @@ def train(name: str, args, train_data, val_data) -> dict:
         opt.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"])
         first, curve = ck["step"] + 1, [tuple(c) for c in ck["curve"]]
+        timed = [tuple(c) for c in ck.get("timed_curve", [])]
     start = time.perf_counter()
+    train_seconds = timed[-1][1] if timed else 0.0
+    tick = time.perf_counter()
     # The bar is off without a TTY (disable=None); bar.write prints the eval lines either way.
     bar = tqdm(range(first, args.steps + 1), desc=name, leave=False, file=sys.stderr, disable=None)
     loss = float("nan")
@@ -200,18 +251,22 @@ def train(name: str, args, train_data, val_data) -> dict:
         if not math.isfinite(loss):
             raise SystemExit(f"error: {name}: training loss became {loss} at step {step}")
         if step % args.eval_every == 0 or step == args.steps:
+            train_seconds += time.perf_counter() - tick
             val = evaluate(model, val_data, args, device)
+            tick = time.perf_counter()
             curve.append((step, val))
+            timed.append((step, train_seconds, val))
             bar.write(f"{name} step {step}: train {loss:.4f}  val {val:.4f}")
         bar.set_postfix(loss=f"{loss:.3f}")
     elapsed = time.perf_counter() - start
     if args.checkpoint:
         torch.save({"optimizer_name": name, "model": model.state_dict(), "step": args.steps,
-                    "optimizer": opt.state_dict(), "generator": gen.get_state(), "curve": curve},
-                   args.checkpoint)  # fmt: skip
+                    "optimizer": opt.state_dict(), "generator": gen.get_state(), "curve": curve,
+                    "timed_curve": timed}, args.checkpoint)  # fmt: skip
     tokens = (args.steps - first + 1) * args.batch_size * model.cfg.block_size
     return {"optimizer": name, "final_train_loss": loss, "final_val_loss": curve[-1][1],
-            "curve": curve, "seconds": elapsed, "tokens_per_s": tokens / elapsed}  # fmt: skip
+            "curve": curve, "timed_curve": timed, "seconds": elapsed,
+            "train_seconds": train_seconds, "tokens_per_s": tokens / elapsed}  # fmt: skip
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -248,7 +303,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None, help="matrix lr (default: per optimizer)")
-    p.add_argument("--data", default=None, help="UTF-8 text file (default: embedded text)")
+    p.add_argument("--data", default=None, help="UTF-8 text file (default: --corpus)")
+    p.add_argument("--corpus", default="topics", choices=CORPORA, help="built-in text")
+    p.add_argument("--size", default="demo", choices=SIZES, help="model size preset")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out", help="directory for the log and the plot")
@@ -270,12 +327,12 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_data, val_data = load_bytes(args.data, GPTConfig.block_size)
+    train_data, val_data = load_bytes(args.data, SIZES[args.size].block_size, args.corpus)
     names = [args.optimizer] if args.compare is None else (args.compare or ["cm", "muon"])
     results = [train(n, args, train_data, val_data) for n in names]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"args": vars(args), "model": asdict(GPTConfig()), "torch": torch.__version__}
+    meta = {"args": vars(args), "model": asdict(SIZES[args.size]), "torch": torch.__version__}
     (out / "demo_results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"\n{'optimizer':<14} {'final val loss':>14} {'final train':>12} {'tokens/s':>10}")
     for r in results:

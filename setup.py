@@ -8,7 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["cm_triton", "cm_triton.*"]),
+    # triton_aot: the ahead-of-time Triton compile harness the compile report and gate use
+    packages=find_packages(include=["cm_triton", "cm_triton.*", "triton_aot"]),
     py_modules=["compositional_muon"],
     install_requires=["torch>=2.5,<2.14", "tqdm", "matplotlib"],  # the last two for the demo
     entry_points={"console_scripts": ["cm-triton-demo = cm_triton.demo:main"]},

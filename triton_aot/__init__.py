@@ -7,7 +7,7 @@ stack/spill bytes, local and shared memory) read with the ``cuobjdump`` shipped 
 wheel, plus an occupancy estimate for the target::
 
     import torch
-    from bench.aot import aot_compile, format_table
+    from triton_aot import aot_compile, format_table
     from cm_triton.kernels import msign
 
     with aot_compile(target=("cuda", 90), timeout_s=120) as records:

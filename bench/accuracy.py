@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import spectrum_slices as slices  # noqa: E402
 
-from cm_triton.reference.legs import whitened_sign
+from cm_triton.reference.phases import whitened_sign
 from cm_triton.reference.primitives import gram, inv_sqrt, msign
 from cm_triton.schedules import POLAR_EXPRESS_8
 

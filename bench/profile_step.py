@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_bench_step import LAYER_SHAPES, RELEASE, _cm_layer, _muon_layer  # noqa: E402
 
 from cm_triton.reference import msign, partner_roots  # noqa: E402
-from cm_triton.reference.legs import whitened_sign  # noqa: E402
+from cm_triton.reference.phases import whitened_sign  # noqa: E402
 from cm_triton.schedules import POLAR_EXPRESS_8  # noqa: E402
 
 

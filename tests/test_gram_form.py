@@ -15,7 +15,8 @@ from helpers import compare_steps, flag_id, flag_product, ov_tensors, qk_tensors
 
 from cm_triton import cm_ov, cm_qk
 from cm_triton.reference import msign
-from cm_triton.reference.legs import use_gram, whitened_sign
+from cm_triton.reference.legs import use_gram
+from cm_triton.reference.phases import whitened_sign
 from cm_triton.schedules import POLAR_EXPRESS_8
 
 SPECTRA = ("gaussian", "cond1e2", "cond1e4", "cond1e6", "rank_half")

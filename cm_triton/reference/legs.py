@@ -1,22 +1,15 @@
-"""The whitened leg ``post · msign(pre · D)`` of CM, in Newton-Schulz or Gram form (spec §2.1).
+"""Block helpers of a leg (spec §2.1): which signs take the Gram form, and block-diagonal maps.
 
-``pre`` and ``post`` are block-diagonal (one dh x dh root per head block of D's rows), so a
-q/k/v row leg, a transposed o column leg, a joint stack and the hybrid O sign are all one
-function. In Gram form the whole leg is one ``m x m`` map applied once: ``Delta = T D`` with
-``T = post Q pre / nu``, where ``Q`` is the Newton-Schulz polynomial evaluated on the
-whitened Gram ``pre (D D^T) pre^T / nu^2``: no whitened operand is ever formed.
+A leg's rows are head blocks of dh rows (one head; joint's group of G + 1; every head of the
+hybrid O sign); its whitening maps are block-diagonal, one dh x dh root per block. The leg's
+sign itself is ``reference.phases.whitened_sign`` (the pipeline's phases on one leg).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
 from torch import Tensor
 
-from cm_triton.reference.primitives import msign
-
-__all__ = ["GRAM_MIN_ASPECT", "use_gram", "block_diag", "apply_blocks", "whitened_sign"]
+__all__ = ["GRAM_MIN_ASPECT", "use_gram", "block_diag", "apply_blocks", "block_traces"]
 
 # Gram form costs ~8 m^2 n for its passes (two Grams, the restart's apply, the final apply)
 # plus 8 m^3 per step (R^2, PQ, PR, (PR)P); iterating on X costs 4 m^2 n + 2 m^3 per step.
@@ -47,45 +40,6 @@ def apply_blocks(blocks: Tensor, x: Tensor) -> Tensor:
     return (blocks @ x.unflatten(-2, (k, dh))).flatten(-3, -2)
 
 
-def _block_traces(x: Tensor, k: int) -> Tensor:
+def block_traces(x: Tensor, k: int) -> Tensor:
     """Traces of the k diagonal blocks: ``(B, k*dh, k*dh) -> (B, k)``."""
     return x.diagonal(dim1=-2, dim2=-1).unflatten(-1, (k, -1)).sum(-1)
-
-
-def whitened_sign(
-    d: Tensor,
-    pre: Tensor | None,
-    post: Tensor | None,
-    coefficients: Sequence[tuple[float, float, float]],
-    method: str = "ns",
-    restart: int = 0,
-    dtype: torch.dtype | None = None,
-    blocks: int = 1,
-) -> tuple[Tensor, Tensor]:
-    """``post msign(pre D)`` per batch entry, block-diagonal ``pre``/``post`` (spec §4.1-§4.5).
-
-    Shapes: ``d (B, k*dh, n)`` with ``k = blocks``; ``pre, post (B, k, dh, dh)`` or None ->
-    ``delta (B, k*dh, n)`` and ``u_sq (B, k)``: squared Frobenius norms of the dh-row blocks
-    of ``msign(pre D)``.
-    ``method``: ``"gram"`` evaluates in Gram form where that is cheaper (``use_gram``),
-    otherwise Newton-Schulz iterations in ``dtype``.
-    """
-    from cm_triton.reference import phases  # phases builds on this module
-
-    m, n = d.shape[-2:]
-    k = blocks
-    gram_form = use_gram(m, n, method)
-    if gram_form and m <= n:  # the pipeline's own phases, on one leg of B entries
-        d4 = d.unsqueeze(1)
-        pre_m = None if pre is None else block_diag(pre).unsqueeze(1)
-        t, r = phases.first_maps(d4 @ d4.mT, pre_m, coefficients[:restart])
-        if restart:
-            r = phases.restart_gram(t, d4, d4, 0.0, False)
-        t, _ = phases.last_maps(r, t, None, coefficients[restart:])
-        u = t @ d4
-        delta = u if post is None else block_diag(post).unsqueeze(1) @ u
-        return delta[:, 0], _block_traces(u[:, 0] @ u[:, 0].mT, k)
-    w = d if pre is None else apply_blocks(pre, d)
-    u = msign(w, coefficients, dtype, "gram" if gram_form else "ns", restart)
-    u_sq = u.square().unflatten(-2, (k, -1)).sum((-2, -1))
-    return (u if post is None else apply_blocks(post, u)), u_sq

@@ -28,11 +28,11 @@ import torch
 from torch import Tensor
 
 from cm_triton.options import CMOptions
-from cm_triton.reference.legs import apply_blocks, use_gram
+from cm_triton.reference.legs import apply_blocks, block_diag, block_traces, use_gram
 from cm_triton.reference.primitives import gram_polynomial, inv_sqrt, msign
 
 __all__ = ["PhaseOps", "REFERENCE_PHASES", "fusable", "gram_pair_step", "leg_update",
-           "hybrid_update", "partner_roots_from_grams"]  # fmt: skip
+           "hybrid_update", "partner_roots_from_grams", "whitened_sign"]  # fmt: skip
 
 Reduce = Callable[[Tensor], Tensor]
 Coefficients = Sequence[tuple[float, float, float]]
@@ -296,3 +296,40 @@ def renorm_factor(dn: Tensor, u_sq: Tensor) -> Tensor:
     """
     un = u_sq.sum(-1).clamp_min(0).sqrt()
     return torch.where(dn > 0, un / torch.where(dn > 0, dn, 1.0), 1.0)[:, None, None, None]
+
+
+def whitened_sign(
+    d: Tensor,
+    pre: Tensor | None,
+    post: Tensor | None,
+    coefficients: Sequence[tuple[float, float, float]],
+    method: str = "ns",
+    restart: int = 0,
+    dtype: torch.dtype | None = None,
+    blocks: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """``post msign(pre D)`` per batch entry, block-diagonal ``pre``/``post`` (spec §4.1-§4.5).
+
+    Shapes: ``d (B, k*dh, n)`` with ``k = blocks``; ``pre, post (B, k, dh, dh)`` or None ->
+    ``delta (B, k*dh, n)`` and ``u_sq (B, k)``: squared Frobenius norms of the dh-row blocks
+    of ``msign(pre D)``.
+    ``method``: ``"gram"`` evaluates in Gram form where that is cheaper (``use_gram``),
+    otherwise Newton-Schulz iterations in ``dtype``.
+    """
+    m, n = d.shape[-2:]
+    k = blocks
+    gram_form = use_gram(m, n, method)
+    if gram_form and m <= n:  # the pipeline's own phases, on one leg of B entries
+        d4 = d.unsqueeze(1)
+        pre_m = None if pre is None else block_diag(pre).unsqueeze(1)
+        t, r = first_maps(d4 @ d4.mT, pre_m, coefficients[:restart])
+        if restart:
+            r = restart_gram(t, d4, d4, 0.0, False)
+        t, _ = last_maps(r, t, None, coefficients[restart:])
+        u = t @ d4
+        delta = u if post is None else block_diag(post).unsqueeze(1) @ u
+        return delta[:, 0], block_traces(u[:, 0] @ u[:, 0].mT, k)
+    w = d if pre is None else apply_blocks(pre, d)
+    u = msign(w, coefficients, dtype, "gram" if gram_form else "ns", restart)
+    u_sq = u.square().unflatten(-2, (k, -1)).sum((-2, -1))
+    return (u if post is None else apply_blocks(post, u)), u_sq

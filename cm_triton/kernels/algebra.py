@@ -16,7 +16,6 @@ import triton.language as tl
 from torch import Tensor
 
 from cm_triton.kernels.common import DOT_PRECISION, MAX_HEAD_DIM, TUNING, _block, unsupported
-from cm_triton.reference import phases as ref
 from cm_triton.schedules import INV_SQRT_QUINTIC
 
 
@@ -212,8 +211,7 @@ def last_maps(r: Tensor, t: Tensor, post: Tensor | None, coefficients):
     """``reference.phases.last_maps``, one program per head."""
     if not maps_take(r):
         raise unsupported("last_maps", r)
-    t_new, r_final = _run_maps(1, r, t, post, coefficients)
-    return t_new, ref.trace(r_final)
+    return _run_maps(1, r, t, post, coefficients)
 
 
 @triton.jit

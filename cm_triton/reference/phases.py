@@ -120,13 +120,15 @@ def restart_gram(
 def last_maps(
     r: Tensor, t: Tensor, post: Tensor | None, coefficients: Coefficients
 ) -> tuple[Tensor, Tensor]:
-    """Phase B2: remaining steps on ``R`` -> ``(T = post Q T_r, ||msign||^2 per head)``."""
+    """Phase B2: remaining steps on ``R`` -> ``(T = post Q T_r, U U^T)``, the second the Gram
+    of the sign before ``post`` (``(B, H, R, R)``): its trace is ``||U||^2`` and
+    ``tr(post U U^T post^T) = ||Delta||^2``, both read off the restart's accurate Gram."""
     shape = t.shape
     q, r_final = gram_polynomial(_flat(r), coefficients)
     t = torch.bmm(q, _flat(t))
     if post is not None:
         t = torch.bmm(_flat(post), t)
-    return t.view(shape), trace(r_final).view(shape[:-2])
+    return t.view(shape), r_final.view(shape)
 
 
 def apply_update(
@@ -232,10 +234,10 @@ def leg_update(
     if first:
         r = ops.restart_gram(t, gr, m_new, opts.beta, opts.nesterov)
         r = r if reduce is None else reduce(r)
-    t, u_sq = ops.last_maps(r, t, post, rest)
+    t, uu = ops.last_maps(r, t, post, rest)
     step = opts.eta * budget
-    if opts.per_mat_renorm:  # ||Delta_h||^2 = tr(T S T^T): no pass over Delta needed
-        step = step * renorm_factor(_tst(t, s_gram).clamp_min(0).sqrt(), u_sq)
+    if opts.per_mat_renorm:  # no pass over Delta needed: both norms from U U^T
+        step = step * renorm_factor(post_norm_sq(uu, post).clamp_min(0).sqrt(), trace(uu))
     decay = 1.0 - opts.eta * opts.weight_decay
     return ops.apply_update(w, t, gr, m_new, opts.beta, opts.nesterov, decay, step)
 
@@ -284,9 +286,15 @@ def gram_pair_step(
     return p_new, s_new, mp_new, ms_new
 
 
-def _tst(t: Tensor, s: Tensor) -> Tensor:
-    """``||T D||_F^2 = tr(T S T^T)`` per batch entry, summed over heads: ``-> (B,)``."""
-    return ((t @ s) * t).sum((-3, -2, -1))
+def post_norm_sq(uu: Tensor, post: Tensor | None) -> Tensor:
+    """``||post U||_F^2`` summed over heads from ``U U^T``: ``(B, H, R, R) -> (B,)``.
+
+    Read off the sign's own Gram (the restart's, accurate), not ``tr(T S T^T)`` with the first
+    Gram ``S``: that loses what sits below ``sqrt(u) ||D||``, which ``T`` then amplifies by
+    ``1 / sigma^2`` (measured 4% off at condition 1e4, ``bench/results/accuracy_flags.md``).
+    """
+    x = uu if post is None else post @ uu @ post.mT
+    return trace(x).sum(-1)
 
 
 def renorm_factor(dn: Tensor, u_sq: Tensor) -> Tensor:
@@ -325,10 +333,10 @@ def whitened_sign(
         t, r = first_maps(d4 @ d4.mT, pre_m, coefficients[:restart])
         if restart:
             r = restart_gram(t, d4, d4, 0.0, False)
-        t, _ = last_maps(r, t, None, coefficients[restart:])
+        t, uu = last_maps(r, t, None, coefficients[restart:])
         u = t @ d4
         delta = u if post is None else block_diag(post).unsqueeze(1) @ u
-        return delta[:, 0], block_traces(u[:, 0] @ u[:, 0].mT, k)
+        return delta[:, 0], block_traces(uu[:, 0], k)
     w = d if pre is None else apply_blocks(pre, d)
     u = msign(w, coefficients, dtype, "gram" if gram_form else "ns", restart)
     u_sq = u.square().unflatten(-2, (k, -1)).sum((-2, -1))

@@ -130,13 +130,14 @@ def route(rows: int, width: int, ns_method: str, whole: bool) -> str:
 class _Sign:
     """A leg's sign: ``Delta = T D''`` (gram) or ``Delta = post U`` (explicit).
 
-    ``t (B, H, R, R)`` the whole map, ``t0`` without post; ``u (B, H, R, n)`` the formed
-    sign and ``post`` its outer map (None: identity).
+    ``t (B, H, R, R)`` the whole map (gram); ``u (B, H, R, n)`` the formed sign (explicit);
+    ``uu = U U^T`` the sign's Gram before ``post`` (gram: the last maps' own, read off the
+    restart's accurate Gram; explicit: from ``cross_grams``); ``post`` the outer map.
     """
 
     t: Tensor | None = None
-    t0: Tensor | None = None
     u: Tensor | None = None
+    uu: Tensor | None = None
     post: Tensor | None = None
 
 
@@ -167,8 +168,8 @@ def _gram_sign(grams: dict, pre, post, w, gr, m_new, e, c, opts: CMOptions, ops:
     if first:  # the restart's pass: X = T_r D'' formed (never stored), its Gram
         t_w = None if e is None else c * (t @ e)
         r = ops.restart_gram(t, gr, m_new, opts.beta, opts.nesterov, w=w, t_w=t_w)
-    t0, _ = ops.last_maps(r, t, None, rest)
-    return _Sign(t=t0 if post is None else post @ t0, t0=t0)
+    t0, uu = ops.last_maps(r, t, None, rest)
+    return _Sign(t=t0 if post is None else post @ t0, uu=uu, post=post)
 
 
 def _explicit_sign(
@@ -230,14 +231,11 @@ def general_pair_step(
     ren_p = ren_s = one
     if opts.per_mat_renorm:
         u_rows, d_rows = [], []
-        for sg, gm, xg in zip(signs, grams, explicit_grams):
-            if sg.u is None:
-                u_rows.append(_diag(sg.t0 @ gm["dd"] @ sg.t0.mT))
-                d_rows.append(_diag(sg.t @ gm["dd"] @ sg.t.mT))
-            else:
-                uu = xg["uu"]
-                u_rows.append(_diag(uu))
-                d_rows.append(_diag(uu if sg.post is None else sg.post @ uu @ sg.post.mT))
+        for sg, xg in zip(signs, explicit_grams):
+            # Both norms from the sign's Gram (phases.post_norm_sq says why not tr(T S T^T))
+            uu = sg.uu if sg.u is None else xg["uu"]
+            u_rows.append(_diag(uu))
+            d_rows.append(_diag(uu if sg.post is None else sg.post @ uu @ sg.post.mT))
         (u_p, u_s), (d_p, d_s) = legs.factor_sums(u_rows), legs.factor_sums(d_rows)
         ren_p, ren_s = _ratio(u_p, d_p), _ratio(u_s, d_s)
     ren_l = legs.rows(ren_p, ren_s)

@@ -104,7 +104,7 @@ def test_dh_algebra_matches_the_reference(kp, dh, with_root):
     t, r = ref.first_maps(s, root, first)
     got, want = kp.last_maps(r, t, root, rest), ref.last_maps(r, t, root, rest)
     assert _rel(got[0], want[0]) < FP32_RTOL
-    torch.testing.assert_close(got[1], want[1], rtol=FP32_RTOL, atol=0)
+    assert _rel(got[1], want[1]) < FP32_RTOL  # U U^T: near-zero off-diagonal entries
     a = s + 0.1 * torch.eye(dh, device=DEVICE)
     assert _rel(kp.inv_sqrt(a, "quintic"), ref.inv_sqrt(a, "quintic")) < FP32_RTOL
 

@@ -161,13 +161,16 @@ QK_FLAGS = list(flag_product())
 OV_FLAGS = list(flag_product(ov=True))
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["mha", "gqa"])
+# Every combination runs its kernels under the interpreter (~1 s a step on CI's 2 cores), so
+# each flag product runs on one shape: QK's 320 on MHA, OV's 640 on GQA (the shapes the
+# reference-side suites run both of); every combination still asserts its launches.
+@pytest.mark.parametrize("shape", SHAPES[:1], ids=["mha"])
 @pytest.mark.parametrize("flags", QK_FLAGS, ids=[flag_id(f) for f in QK_FLAGS])
 def test_cm_qk_triton_matches_reference_every_flag(shape, flags):
     _compare_step(cm_qk, qk_tensors, shape, flags)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["mha", "gqa"])
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=["gqa"])
 @pytest.mark.parametrize("flags", OV_FLAGS, ids=[flag_id(f) for f in OV_FLAGS])
 def test_cm_ov_triton_matches_reference_every_flag(shape, flags):
     _compare_step(cm_ov, ov_tensors, shape, flags)

@@ -11,6 +11,7 @@ the dh x dh algebra) and, on CUDA, where the cost model expects it to win
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 
@@ -82,13 +83,10 @@ def resolve_primitives(backend: str, device: torch.device) -> Primitives:
     return _triton_primitives()
 
 
-_CHOSEN: list[Primitives] = []
-
-
+@functools.cache
 def _triton_primitives() -> Primitives:
-    """The Triton backend: per phase, the kernel where it takes the call, else the reference."""
-    if _CHOSEN:
-        return _CHOSEN[0]
+    """The Triton backend: per phase, the kernel where it takes the call, else the reference
+    (built once)."""
     from cm_triton import kernels as k
 
     ref = REFERENCE_PHASES
@@ -131,8 +129,7 @@ def _triton_primitives() -> Primitives:
         apply_update=pick("apply", k.apply_update, ref.apply_update, 0, big, heads),
         inv_sqrt=pick("inv_sqrt", k.inv_sqrt, ref.inv_sqrt, 0, quintic, mats),
     )
-    _CHOSEN.append(Primitives(msign=REFERENCE.msign, phases=ops))
-    return _CHOSEN[0]
+    return Primitives(msign=REFERENCE.msign, phases=ops)
 
 
 def _defaults(device: torch.device) -> dict:

@@ -49,11 +49,3 @@ def _chunk(b: int, h: int, n: int, block_n: int) -> int:
     """Columns per program: enough programs to fill the machine, whole tiles each."""
     chunks = max(1, min(triton.cdiv(n, block_n), triton.cdiv(TARGET_PROGRAMS, b * h)))
     return triton.cdiv(triton.cdiv(n, chunks), block_n) * block_n
-
-
-def _padded(t: Tensor, block: int) -> Tensor:
-    """``(B, H, r, r) -> (B, H, block, block)`` fp32, zero-padded, contiguous."""
-    b, h, r, _ = t.shape
-    out = torch.zeros(b, h, block, block, dtype=torch.float32, device=t.device)
-    out[..., :r, :r] = t
-    return out

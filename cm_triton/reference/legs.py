@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-__all__ = ["GRAM_MIN_ASPECT", "use_gram", "block_diag", "apply_blocks", "block_traces"]
+__all__ = [
+    "GRAM_MIN_ASPECT",
+    "use_gram",
+    "block_diag",
+    "apply_blocks",
+    "block_traces",
+    "gram_route",
+]
 
 # Gram form costs ~8 m^2 n for its passes (two Grams, the restart's apply, the final apply)
 # plus 8 m^3 per step (R^2, PQ, PR, (PR)P); iterating on X costs 4 m^2 n + 2 m^3 per step.
@@ -21,6 +28,12 @@ GRAM_MIN_ASPECT = 2
 def use_gram(m: int, n: int, method: str) -> bool:
     """Whether an ``m x n`` sign is evaluated in Gram form under ``ns_method=method``."""
     return method == "gram" and max(m, n) >= GRAM_MIN_ASPECT * min(m, n)
+
+
+def gram_route(rows: int, width: int, method: str) -> bool:
+    """Whether a leg of ``rows x width`` takes its sign as a map on D (``T D``, spec §2.1):
+    Gram form on the rows' side, so the leg must be wide."""
+    return rows <= width and use_gram(rows, width, method)
 
 
 def block_diag(blocks: Tensor) -> Tensor:

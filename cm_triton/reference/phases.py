@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from cm_triton.options import CMOptions
-from cm_triton.reference.legs import apply_blocks, block_diag, block_traces, use_gram
+from cm_triton.reference.legs import apply_blocks, block_diag, block_traces, gram_route, use_gram
 from cm_triton.reference.primitives import gram_polynomial, inv_sqrt, msign
 
 __all__ = ["PhaseOps", "REFERENCE_PHASES", "fusable", "gram_pair_step", "leg_update",
@@ -177,10 +177,8 @@ def fusable(opts: CMOptions, dh: int, width_p: int, width_s: int) -> bool:
         opts.method == "half_split"
         and opts.connection == "none"
         and not opts.momentum_reproject
-        and use_gram(dh, width_p, opts.ns_method)
-        and use_gram(dh, width_s, opts.ns_method)
-        and width_p >= dh
-        and width_s >= dh
+        and gram_route(dh, width_p, opts.ns_method)
+        and gram_route(dh, width_s, opts.ns_method)
     )
 
 

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from cm_triton.options import CMOptions
 from cm_triton.reference.connections import vertical_map, weight_maps
-from cm_triton.reference.legs import block_diag, use_gram
+from cm_triton.reference.legs import block_diag, gram_route
 from cm_triton.reference.phases import (
     REFERENCE_PHASES,
     PhaseOps,
@@ -121,9 +121,7 @@ class Legs:
 
 def route(rows: int, width: int, ns_method: str, whole: bool) -> str:
     """``"gram"`` (the sign as a map on D, spec §2.1) or ``"explicit"`` (formed, iterated)."""
-    if whole or rows > width or not use_gram(rows, width, ns_method):
-        return "explicit"
-    return "gram"
+    return "gram" if not whole and gram_route(rows, width, ns_method) else "explicit"
 
 
 @dataclass

@@ -21,6 +21,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
+            "pytest-xdist>=3",  # the README's test command spreads the tests over the cores
             "hypothesis>=6",
             "ruff>=0.6",
             "numpy<2.4",

@@ -1,4 +1,6 @@
-"""What one optimizer step costs, counted: ``python bench/step_costs.py`` (a markdown table).
+"""What one optimizer step costs, counted: ``python bench/step_costs.py`` (a markdown table;
+``--kernels`` adds ``backend="triton"``, through Triton's interpreter where there is no GPU:
+about 20 minutes on 2 cores).
 
 Copies (bytes of stack/cat/clone/copy ops, inputs and outputs, over the parameter bytes),
 host reads of tensor values and aten ops of a steady-state step on the Llama-shaped model of
@@ -8,8 +10,13 @@ torch.optim's AdamW and Muon on the same model. Deterministic: counts, not timin
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+if "--kernels" in sys.argv:  # before triton is imported: no GPU here, the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("CUDA_VISIBLE_DEVICES")
+                          else "1")  # fmt: skip
 
 import torch
 
@@ -43,10 +50,17 @@ CASES = {
 }  # fmt: skip
 
 
+KERNEL_CASES = {
+    "CompositionalMuon, backend='triton'": lambda m: CompositionalMuon(
+        param_groups(m), lr=0.02, backend="triton"),
+}  # fmt: skip
+
+
 def main() -> None:
     print("| optimizer | copies (x parameter bytes) | by op | host reads | aten ops |")
     print("|---|---|---|---|---|")
-    for name, make in CASES.items():
+    cases = dict(CASES, **(KERNEL_CASES if "--kernels" in sys.argv else {}))
+    for name, make in cases.items():
         torch.manual_seed(0)
         c = step_costs(Llama(), make)
         ops = ", ".join(f"{k} {v:.2f}" for k, v in sorted(c.by_op.items()))

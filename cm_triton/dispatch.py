@@ -128,8 +128,9 @@ def _triton_primitives() -> Primitives:
         last_maps=pick("maps", k.last_maps, ref.last_maps, 0, small, mats),
         apply_update=pick("apply", k.apply_update, ref.apply_update, 0, big, heads),
         inv_sqrt=pick("inv_sqrt", k.inv_sqrt, ref.inv_sqrt, 0, quintic, mats),
+        bytes_bound=True,
     )
-    return Primitives(msign=REFERENCE.msign, phases=ops)
+    return Primitives(msign=REFERENCE.msign, phases=ops, in_place=True)
 
 
 def _defaults(device: torch.device) -> dict:

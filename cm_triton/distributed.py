@@ -433,7 +433,10 @@ class Comm:
         return y.to(out_dtype)
 
     def muon(self, b, w, g, m, group: dict, opts: CMOptions, prims):
-        """Muon on a batch of sharded matrices: each orthogonalised once, on its owner rank."""
+        """Muon on a batch of sharded matrices: each orthogonalised once, on its owner rank.
+        Every plan takes Muon's own sign (as the owner plan must: it gathers the direction,
+        not the weights), so the plans agree bit for bit."""
+        prims = dataclasses.replace(prims, in_place=False)
         params = b.params[0]
         where = _placement(params[0])
         shape = group.get("shape", "matrix")

@@ -5,9 +5,12 @@ shapes, dtypes and devices, which have gradients, the options, and which groups 
 learning rate) and makes a ``Plan``: batches of equal layout, shapes and options, each with
 its options resolved for the device and its primitives chosen. ``run_step`` runs a plan:
 
-- gather: one ``torch.stack`` per parameter position for the weights and the gradients; the
-  momentum of plain-tensor parameters *is* a stack: each ``state[p]["momentum_buffer"]`` is a
-  view of the batch's momentum stack, so it is neither stacked nor copied back;
+- gather: on the kernels' backend (one process, plain tensors) the weights and gradients are
+  read where they live: a ``tables.LayerRows`` per parameter position, which the kernels read
+  through a table of offsets (a phase they do not take sees the stack, formed then); otherwise
+  one ``torch.stack`` per position. The momentum of plain-tensor parameters *is* a stack: each
+  ``state[p]["momentum_buffer"]`` is a view of the batch's momentum stack, so it is neither
+  stacked nor copied back;
 - compute: the rule once on ``(L, H, dh, d)`` head views of the stacks (or a distributed plan);
 - check: per batch member, whether its gradients and results are finite, on the device.
   ``nonfinite="skip"`` keeps a member's old weights and momentum where they are not (a
@@ -19,7 +22,8 @@ its options resolved for the device and its primitives chosen. ``run_step`` runs
 
 So the number of ops a step dispatches grows with the number of *distinct shapes*, not with
 the number of layers (``tests/test_batching.py``), and a step's copies are the stacks of the
-weights and gradients and the weights' write-back (``tests/test_step_costs.py`` counts them).
+weights and gradients (none on the kernels' backend) and the weights' write-back
+(``tests/test_step_costs.py`` counts them).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from cm_triton.options import CMOptions
 from cm_triton.reference.adamw import adamw_update
 from cm_triton.reference.muon import muon_update
 from cm_triton.reference.rule import Primitives, pair_step
+from cm_triton.tables import LayerRows, layer_rows
 
 __all__ = [
     "Plan",
@@ -296,10 +301,14 @@ def compute_muon(w: Tensor, g: Tensor, m: Tensor, group: dict, opts: CMOptions, 
 
 
 def _muon(w, g, m, group, opts: CMOptions, prims, transposed: bool):
+    # On the kernels' backend a Gram-form matrix steps through the CM legs' stream and apply
+    # passes (reading the layers in place); the reference keeps Muon's own sign, which the
+    # distributed owner plan shares bit for bit.
     return muon_update(w, g, m, lr=group["lr"], weight_decay=group["weight_decay"],
                        momentum=group["momentum"], coefficients=opts.ns_coefficients,
                        dtype=opts.ns_dtype, method=opts.ns_method, restart=opts.ns_restart,
-                       transposed=transposed, msign_fn=prims.msign)  # fmt: skip
+                       transposed=transposed, msign_fn=prims.msign,
+                       ops=prims.phases if prims.in_place else None)  # fmt: skip
 
 
 def _muon_rows(w, g, m, group, opts, prims):
@@ -319,6 +328,8 @@ def _quick_finite(stack: Tensor) -> Tensor:
     """``(L, ...) -> (L,)``: True where a finite 2-norm proves every entry finite (NaN and Inf
     propagate through it; ~20x cheaper than a max-abs pass on the CPU). False may also be an
     overflow of finite entries: ``_exact_finite`` settles those."""
+    if isinstance(stack, LayerRows):  # each layer where it lives
+        return torch.stack(torch._foreach_norm(stack.layers, 2)).isfinite()
     dims = tuple(range(1, stack.dim()))  # not flatten(1): a strided stack would be copied
     return torch.linalg.vector_norm(stack, 2, dim=dims).isfinite()
 
@@ -355,9 +366,30 @@ def _momentum_stacks(b: Batch, state: dict) -> list[Tensor]:
     return out
 
 
+def _gather(ts: list[Tensor], columns: bool, in_place: bool) -> Tensor:
+    """``(L, R, C)`` of L tensors: read where they live (``tables.LayerRows``, the kernels'
+    pointer table) when ``in_place`` and they allow it, else one ``_stack``."""
+    if in_place:
+        cdtype = torch.float64 if ts[0].dtype == torch.float64 else torch.float32
+        rows = layer_rows(ts, cdtype)
+        if rows is not None:
+            return rows
+    return _stack(ts, columns)
+
+
+def _reads_in_place(b: Batch, comm) -> bool:
+    """Whether a batch's weights and gradients are read where they live: the kernels' backend,
+    one process, plain tensors, and not under ``torch.compile`` (which traces stacks)."""
+    return (b.prims.in_place and comm is None and b.skips is not None
+            and not torch.compiler.is_compiling())  # fmt: skip
+
+
 def _compute(b: Batch, state: dict, comm) -> _Computed:
-    grads = [_stack([local(p.grad) for p in ps], c) for ps, c in zip(b.params, b.columns)]
-    weights = [_stack([local(p) for p in ps], c) for ps, c in zip(b.params, b.columns)]
+    in_place = _reads_in_place(b, comm)
+    grads = [_gather([local(p.grad) for p in ps], c, in_place)
+             for ps, c in zip(b.params, b.columns)]  # fmt: skip
+    weights = [_gather([local(p) for p in ps], c, in_place)
+               for ps, c in zip(b.params, b.columns)]  # fmt: skip
     moms = _momentum_stacks(b, state)
     opts = b.options()
     if b.kind == "attention":

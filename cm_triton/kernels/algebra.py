@@ -121,19 +121,22 @@ def _eye(out_ptr, scale, R, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _maps_kernel(
-    s_ptr, pre_ptr, t_ptr, r_ptr, scratch_ptr, coef_ptr, first, n_steps, R,
+    s_ptr, pre_ptr, tin_ptr, t_ptr, r_ptr, scratch_ptr, coef_ptr, first, n_steps, R, G,
     MODE: tl.constexpr, HAS_ROOT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One program per head. All matrices ``BLOCK_R``-square, zero-padded, contiguous.
+    """One program per head. All matrices ``BLOCK_R``-square, zero-padded, contiguous; inputs
+    are only read, outputs (``t``, ``r``) written whole.
 
     MODE 0 (first_maps): in ``s`` (= D D^T), ``pre``; out ``t = Q pre / nu`` and ``r``.
-    MODE 1 (last_maps): in ``r`` (restart Gram), ``t`` (= T_r), ``pre`` (= post); out ``t =
-    post Q T_r`` and ``r`` (its final Gram, for ||U||^2).
+    MODE 1 (last_maps): in ``s`` (the restart Gram), ``tin`` (= T_r), ``pre`` (= post); out
+    ``t = post Q T_r`` and ``r`` (its final Gram, for ||U||^2).
     """
     i = tl.program_id(0)
     mat = BLOCK_R * BLOCK_R
-    s_i, t_i, r_i, root = s_ptr + i * mat, t_ptr + i * mat, r_ptr + i * mat, pre_ptr + i * mat
+    s_i, t_i, r_i = s_ptr + i * mat, t_ptr + i * mat, r_ptr + i * mat
+    root = pre_ptr + (i // G) * mat  # G heads share a root (grouped: per_head)
+    tin_i = tin_ptr + i * mat
     sc = scratch_ptr + i * 5 * mat
     q, s1, s2, s3, s4 = sc, sc + mat, sc + 2 * mat, sc + 3 * mat, sc + 4 * mat
     if MODE == 0:
@@ -153,14 +156,27 @@ def _maps_kernel(
         else:
             _copy(q, t_i, 1.0 / nu, BLOCK_R, BLOCK_M)
     else:
+        _copy(s_i, r_i, 1.0, BLOCK_R, BLOCK_M)
         _eye(q, 1.0, R, BLOCK_R, BLOCK_M)
         _gram_steps(r_i, q, s1, s2, s3, coef_ptr, first, n_steps, R, BLOCK_R, BLOCK_M, BLOCK_K,
                     PRECISION)  # fmt: skip
-        _mm(q, t_i, s4, BLOCK_R, BLOCK_M, BLOCK_K, PRECISION)
+        _mm(q, tin_i, s4, BLOCK_R, BLOCK_M, BLOCK_K, PRECISION)
         if HAS_ROOT:
             _mm(root, s4, t_i, BLOCK_R, BLOCK_M, BLOCK_K, PRECISION)
         else:
             _copy(s4, t_i, 1.0, BLOCK_R, BLOCK_M)
+
+
+def _square(x: Tensor, n: int, block: int) -> Tensor:
+    """An input of the dh x dh kernels, only read: ``(..., r, r)`` as ``(n, block, block)``
+    fp32 contiguous, zero-padded (a copy) only where ``r < block``."""
+    r = x.shape[-1]
+    x = x.reshape(n, r, r)
+    if r == block and x.dtype == torch.float32 and x.is_contiguous():
+        return x
+    out = torch.zeros(n, block, block, dtype=torch.float32, device=x.device)
+    out[:, :r, :r] = x
+    return out
 
 
 def _run_maps(mode: int, s_or_r: Tensor, t: Tensor | None, root: Tensor | None,
@@ -169,25 +185,19 @@ def _run_maps(mode: int, s_or_r: Tensor, t: Tensor | None, root: Tensor | None,
     r = shape[-1]
     block = _block(r)
     n = s_or_r.numel() // (r * r)
-    flat = s_or_r.reshape(n, r, r)
-    pad = torch.zeros(n, block, block, dtype=torch.float32, device=s_or_r.device)
-
-    def padded(x: Tensor | None) -> Tensor:
-        out = pad.clone()
-        if x is not None:
-            out[:, :r, :r] = x.reshape(n, r, r)
-        return out
-
-    src = padded(flat)
-    tt = padded(t)
-    rr = src if mode == 1 else pad.clone()
-    rootp = padded(root)
+    src = _square(s_or_r, n, block)
+    tin = _square(t, n, block) if t is not None else src  # MODE 0 reads no T
+    # A grouped root (a KV group's P heads share it) is read by index, not repeated.
+    roots = n if root is None else root.numel() // (r * r)
+    rootp = _square(root, roots, block) if root is not None else src  # HAS_ROOT False: unread
+    tt = torch.empty(n, block, block, dtype=torch.float32, device=s_or_r.device)
+    rr = torch.empty_like(tt)
     scratch = torch.empty(n, 5, block, block, dtype=torch.float32, device=s_or_r.device)
     coef = torch.tensor(coefficients if coefficients else [(1.0, 0.0, 0.0)], dtype=torch.float32,
                         device=s_or_r.device).reshape(-1)  # fmt: skip
     warps, block_m, block_k = TUNING["maps"][block]
     _maps_kernel[(n,)](
-        src, rootp, tt, rr, scratch, coef, 0, len(coefficients), r,
+        src, rootp, tin, tt, rr, scratch, coef, 0, len(coefficients), r, n // roots,
         MODE=mode, HAS_ROOT=root is not None, BLOCK_R=block, BLOCK_M=block_m, BLOCK_K=block_k,
         PRECISION=DOT_PRECISION, num_warps=warps,
     )  # fmt: skip
@@ -251,9 +261,8 @@ def inv_sqrt(a: Tensor, method: str = "newton", floor: float = 0.0) -> Tensor:
         raise unsupported(f"inv_sqrt({method!r})", a)
     block = _block(r)
     n = a.numel() // (r * r)
-    ap = torch.zeros(n, block, block, dtype=torch.float32, device=a.device)
-    ap[:, :r, :r] = a.reshape(n, r, r)
-    z = torch.empty_like(ap)
+    ap = _square(a, n, block)
+    z = torch.empty(n, block, block, dtype=torch.float32, device=a.device)
     scratch = torch.empty(n, 4, block, block, dtype=torch.float32, device=a.device)
     coef = torch.tensor(INV_SQRT_QUINTIC, dtype=torch.float32, device=a.device).reshape(-1)
     warps, block_m, block_k = TUNING["maps"][block]

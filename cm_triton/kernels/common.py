@@ -6,6 +6,8 @@ import torch
 import triton
 from torch import Tensor
 
+from cm_triton.tables import LayerRows
+
 MAX_HEAD_DIM = 128
 DOT_PRECISION = "tf32x3"
 TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs: split the width until a leg has these
@@ -25,7 +27,7 @@ TUNING = {
     "restart": {16: (4, 64, 16), 32: (4, 16, 32), 64: (8, 32, 32), 128: (8, 16, 16)},
     "apply": {16: (4, 64, 16), 32: (4, 64, 32), 64: (4, 64, 32), 128: (8, 32, 32)},
     "apply_tw": {16: (4, 32, 16), 32: (4, 32, 16), 64: (4, 32, 16), 128: (8, 16, 16)},
-    "maps": {16: (4, 16, 16), 32: (4, 32, 16), 64: (4, 16, 16), 128: (4, 16, 16)},
+    "maps": {16: (2, 16, 16), 32: (4, 32, 16), 64: (4, 16, 16), 128: (4, 16, 16)},
 }
 
 
@@ -35,7 +37,8 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def streams_take(*tensors: Tensor) -> bool:
     """Whether the streaming kernels take these tensors: fp32/bf16/fp16, any row count (rows
     are tiled), not empty."""
-    return all(t.dtype in KERNEL_DTYPES for t in tensors) and tensors[0].numel() > 0
+    stored = [t.first if isinstance(t, LayerRows) else t for t in tensors]
+    return all(t.dtype in KERNEL_DTYPES for t in (*tensors, *stored)) and tensors[0].numel() > 0
 
 
 def unsupported(kernel: str, x: Tensor) -> ValueError:

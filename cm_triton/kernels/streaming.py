@@ -16,7 +16,10 @@ A leg's rows ``R`` may exceed one block (joint's ``(G+1) dh``): rows are tiled i
 block, reading all of the head's rows through the maps. The width is split into chunks so that
 realistic shapes launch hundreds of programs; partial Grams are summed in a fixed order
 afterwards (no atomics: steps are bit-reproducible). Big tensors ``(B, H, R, n)`` are read
-through their strides (views are never copied).
+through their strides (views are never copied), each batch entry at its own offset: a stack's
+``b * stride(0)``, or a ``tables.LayerRows``' table, so that each layer's weight and gradient
+are read where they live. ``apply_update`` without maps (``t`` None) writes
+``decay W - step D`` for a ``D`` formed elsewhere (the hybrid O sign's).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cm_triton.kernels.common import DOT_PRECISION, TUNING, _chunk, streams_take, unsupported
+from cm_triton.tables import LayerRows
 
 __all__ = ["stream", "stream_grams", "cross_grams", "restart_gram", "apply_update"]
 
@@ -41,24 +45,33 @@ def _row_blocks(r: int, cap: int = 128) -> tuple[int, int]:
 
 
 @triton.jit
-def _load(ptr, b, h, rows, cols, sb, sh, sr, sn, mask):
-    return tl.load(ptr + b * sb + h * sh + rows[:, None] * sr + cols[None, :] * sn, mask=mask,
+def _at(ptr, offsets, b, ALIGNED: tl.constexpr):
+    """Batch entry ``b`` of an operand: ``ptr + offsets[b]``. ``ALIGNED``: every offset is a
+    whole number of 16 bytes (checked at launch), so vector loads stay possible."""
+    off = tl.load(offsets + b)
+    if ALIGNED:
+        off = tl.multiple_of(off, 128 // ptr.dtype.element_ty.primitive_bitwidth)
+    return ptr + off
+
+
+@triton.jit
+def _load(ptr, h, rows, cols, sh, sr, sn, mask):
+    return tl.load(ptr + h * sh + rows[:, None] * sr + cols[None, :] * sn, mask=mask,
                    other=0.0).to(tl.float32)  # fmt: skip
 
 
 @triton.jit
-def _form(f, x0, x1, x2, b, h, rows, cols, mask, a1, b1, a2, b2,
-          s0b, s0h, s0r, s0n, s1b, s1h, s1r, s1n, s2b, s2h, s2r, s2n,
-          HAS_X2: tl.constexpr):  # fmt: skip
+def _form(f, x0, x1, x2, h, rows, cols, mask, a1, b1, a2, b2,
+          s0h, s0r, s0n, s1h, s1r, s1n, s2h, s2r, s2n, HAS_X2: tl.constexpr):  # fmt: skip
     """Form ``f`` of the operands on a tile: ``F0 = x0``, ``F1 = a1 x1 + b1 x2`` or
     ``F2 = a2 x1 + b2 F1``."""
     if f == 0:
-        x = _load(x0, b, h, rows, cols, s0b, s0h, s0r, s0n, mask)
+        x = _load(x0, h, rows, cols, s0h, s0r, s0n, mask)
     else:
-        v1 = _load(x1, b, h, rows, cols, s1b, s1h, s1r, s1n, mask)
+        v1 = _load(x1, h, rows, cols, s1h, s1r, s1n, mask)
         x = a1 * v1
         if HAS_X2:
-            x += b1 * _load(x2, b, h, rows, cols, s2b, s2h, s2r, s2n, mask)
+            x += b1 * _load(x2, h, rows, cols, s2h, s2r, s2n, mask)
         if f == 2:
             x = a2 * v1 + b2 * x
     return x
@@ -66,9 +79,10 @@ def _form(f, x0, x1, x2, b, h, rows, cols, mask, a1, b1, a2, b2,
 
 @triton.jit
 def _gram_kernel(
-    x0, x1, x2, mo_ptr, gram_ptr, pairs_ptr, a1, b1, a2, b2, H, R, N, C, CHUNK, KB,
-    s0b, s0h, s0r, s0n, s1b, s1h, s1r, s1n, s2b, s2h, s2r, s2n, sob, soh, sor, son,
-    HAS_X2: tl.constexpr, WRITE_M: tl.constexpr, SAME: tl.constexpr, BLOCK_R: tl.constexpr,
+    x0, x1, x2, mo_ptr, f0, f1, f2, fo, gram_ptr, pairs_ptr, a1, b1, a2, b2, H, R, N, C, CHUNK,
+    KB, s0h, s0r, s0n, s1h, s1r, s1n, s2h, s2r, s2n, soh, sor, son,
+    HAS_X2: tl.constexpr, WRITE_M: tl.constexpr, SAME: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # SAME: every pair is a form with itself in one row block (the default stream: W W^T and
@@ -80,6 +94,11 @@ def _gram_kernel(
     bh = pid // C
     b = bh // H
     h = bh % H
+    # Each operand's batch entry b at its own offset (layers read where they live: tables.py)
+    x0 = _at(x0, f0, b, ALIGNED)
+    x1 = _at(x1, f1, b, ALIGNED)
+    x2 = _at(x2, f2, b, ALIGNED)
+    mo_ptr = _at(mo_ptr, fo, b, ALIGNED)
     pair = q // (KB * KB)
     i = (q // KB) % KB
     j = q % KB
@@ -99,33 +118,46 @@ def _gram_kernel(
         mask_i = (rows_i < R)[:, None] & cm
         if WRITE_M:
             if write:  # F1 = m_new written once per row block, F2 = D from the same loads
-                v1 = _load(x1, b, h, rows_i, cols, s1b, s1h, s1r, s1n, mask_i)
-                xm = a1 * v1 + b1 * _load(x2, b, h, rows_i, cols, s2b, s2h, s2r, s2n, mask_i)
-                out = mo_ptr + b * sob + h * soh + rows_i[:, None] * sor + cols[None, :] * son
+                v1 = _load(x1, h, rows_i, cols, s1h, s1r, s1n, mask_i)
+                xm = a1 * v1 + b1 * _load(x2, h, rows_i, cols, s2h, s2r, s2n, mask_i)
+                out = mo_ptr + h * soh + rows_i[:, None] * sor + cols[None, :] * son
                 tl.store(out, xm.to(mo_ptr.dtype.element_ty), mask=mask_i)
                 xa = a2 * v1 + b2 * xm
             else:
-                xa = _form(fa, x0, x1, x2, b, h, rows_i, cols, mask_i, a1, b1, a2, b2, s0b, s0h,
-                           s0r, s0n, s1b, s1h, s1r, s1n, s2b, s2h, s2r, s2n, HAS_X2)  # fmt: skip
+                xa = _form(fa, x0, x1, x2, h, rows_i, cols, mask_i, a1, b1, a2, b2, s0h, s0r,
+                           s0n, s1h, s1r, s1n, s2h, s2r, s2n, HAS_X2)  # fmt: skip
         else:
-            xa = _form(fa, x0, x1, x2, b, h, rows_i, cols, mask_i, a1, b1, a2, b2, s0b, s0h, s0r,
-                       s0n, s1b, s1h, s1r, s1n, s2b, s2h, s2r, s2n, HAS_X2)  # fmt: skip
+            xa = _form(fa, x0, x1, x2, h, rows_i, cols, mask_i, a1, b1, a2, b2, s0h, s0r, s0n,
+                       s1h, s1r, s1n, s2h, s2r, s2n, HAS_X2)  # fmt: skip
         if SAME:
             xb = xa
         elif same:
             xb = xa
         else:
             mask_j = (rows_j < R)[:, None] & cm
-            xb = _form(fb, x0, x1, x2, b, h, rows_j, cols, mask_j, a1, b1, a2, b2, s0b, s0h,
-                       s0r, s0n, s1b, s1h, s1r, s1n, s2b, s2h, s2r, s2n, HAS_X2)  # fmt: skip
+            xb = _form(fb, x0, x1, x2, h, rows_j, cols, mask_j, a1, b1, a2, b2, s0h, s0r, s0n,
+                       s1h, s1r, s1n, s2h, s2r, s2n, HAS_X2)  # fmt: skip
         acc += tl.dot(xa, tl.trans(xb), input_precision=PRECISION)
     rp = KB * BLOCK_R
     base = gram_ptr + ((pair * (tl.num_programs(0) // C) + bh) * C + c) * rp * rp
     tl.store(base + rows_i[:, None] * rp + rows_j[None, :], acc)
 
 
-def _strides(x: Tensor) -> tuple[int, ...]:
-    return tuple(x.stride())
+_ENTRY_OFFSETS: dict[tuple, Tensor] = {}
+
+
+def _operand(x: Tensor) -> tuple[Tensor, Tensor, bool, int, int, int]:
+    """A big ``(B, H, R, n)`` operand as the kernels read it: ``(pointer, offsets, aligned, sh,
+    sr, sn)``, batch entry ``b`` at ``pointer + offsets[b]`` (``aligned``: every offset a whole
+    number of 16 bytes). A ``LayerRows`` is read where its layers live (its table); a tensor
+    through its batch stride."""
+    if isinstance(x, LayerRows):
+        return (x.first, x.offsets, x.aligned, *x.first.stride())
+    key = (x.device, x.shape[0], x.stride(0))
+    offsets = _ENTRY_OFFSETS.get(key)
+    if offsets is None:
+        offsets = _ENTRY_OFFSETS[key] = torch.arange(x.shape[0], device=x.device) * x.stride(0)
+    return (x, offsets, x.stride(0) * x.element_size() % 16 == 0, *x.stride()[1:])
 
 
 def _grams(x0: Tensor, x1: Tensor, x2: Tensor | None, coef: tuple[float, ...],
@@ -143,12 +175,12 @@ def _grams(x0: Tensor, x1: Tensor, x2: Tensor | None, coef: tuple[float, ...],
     rp = kb * block_r
     grams = torch.empty(len(pairs), b * h, c, rp, rp, dtype=torch.float32, device=x0.device)
     table = torch.tensor(pairs, dtype=torch.int32, device=x0.device).reshape(-1)
-    x2_ = x1 if x2 is None else x2
-    mo = x1 if m_out is None else m_out
+    ops = [_operand(x) for x in (x0, x1, x1 if x2 is None else x2, x1 if m_out is None else m_out)]
     _gram_kernel[(b * h * c, len(pairs) * kb * kb)](
-        x0, x1, x2_, mo, grams, table, *(float(v) for v in coef), h, r, n, c, chunk, kb,
-        *_strides(x0), *_strides(x1), *_strides(x2_), *_strides(mo),
-        HAS_X2=x2 is not None, WRITE_M=m_out is not None, SAME=same, BLOCK_R=block_r,
+        *(o[0] for o in ops), *(o[1] for o in ops), grams, table, *(float(v) for v in coef), h,
+        r, n, c, chunk, kb, *(s for o in ops for s in o[3:]),
+        HAS_X2=x2 is not None, WRITE_M=m_out is not None, SAME=same, ALIGNED=all(o[2] for o in ops),
+        BLOCK_R=block_r,
         BLOCK_N=block_n,
         PRECISION=DOT_PRECISION, num_warps=warps,
     )  # fmt: skip
@@ -195,8 +227,8 @@ def cross_grams(w: Tensor, u: Tensor) -> dict[str, Tensor]:
 
 @triton.jit
 def _combo(
-    t_ptr, tw_ptr, w_ptr, g_ptr, m_ptr, b, h, bh, rows, cols, cmask, beta, R, RP,
-    swb, swh, swr, swn, sgb, sgh, sgr, sgn, smb, smh, smr, smn,
+    t_ptr, tw_ptr, w_ptr, g_ptr, m_ptr, h, rows, cols, cmask, beta, R, RP,
+    swh, swr, swn, sgh, sgr, sgn, smh, smr, smn,
     HAS_TW: tl.constexpr, NESTEROV: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -205,53 +237,65 @@ def _combo(
     for k0 in range(0, RP, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         dmask = (ks < R)[:, None] & cmask[None, :]
-        t = tl.load(t_ptr + bh * RP * RP + rows[:, None] * RP + ks[None, :])
-        d = _load(m_ptr, b, h, ks, cols, smb, smh, smr, smn, dmask)
+        t = tl.load(t_ptr + rows[:, None] * RP + ks[None, :])
+        d = _load(m_ptr, h, ks, cols, smh, smr, smn, dmask)
         if NESTEROV:
-            d = _load(g_ptr, b, h, ks, cols, sgb, sgh, sgr, sgn, dmask) + beta * d
+            d = _load(g_ptr, h, ks, cols, sgh, sgr, sgn, dmask) + beta * d
         acc += tl.dot(t, d, input_precision=PRECISION)
         if HAS_TW:
-            tw = tl.load(tw_ptr + bh * RP * RP + rows[:, None] * RP + ks[None, :])
-            wv = _load(w_ptr, b, h, ks, cols, swb, swh, swr, swn, dmask)
+            tw = tl.load(tw_ptr + rows[:, None] * RP + ks[None, :])
+            wv = _load(w_ptr, h, ks, cols, swh, swr, swn, dmask)
             acc += tl.dot(tw, wv, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
 def _map_kernel(
-    w_ptr, wo_ptr, t_ptr, tw_ptr, g_ptr, m_ptr, step_ptr, gram_ptr, decay, beta,
-    H, R, N, C, CHUNK, KB,
-    swb, swh, swr, swn, sob, soh, sor, son, sgb, sgh, sgr, sgn, smb, smh, smr, smn,
+    w_ptr, wo_ptr, g_ptr, m_ptr, fw, fo, fg, fm, t_ptr, tw_ptr, step_ptr, gram_ptr, decay,
+    beta, H, R, N, C, CHUNK, KB, GT, swh, swr, swn, soh, sor, son, sgh, sgr, sgn, smh, smr, smn,
     MODE: tl.constexpr, HAS_TW: tl.constexpr, HAS_W: tl.constexpr, NESTEROV: tl.constexpr,
-    ONE_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """MODE 0: ``out = decay W - step X``; MODE 1: partial Grams ``X_i X_j^T``."""
+    """MODE 0: ``out = decay W - step X``; MODE 1: partial Grams ``X_i X_j^T``; MODE 2:
+    ``out = decay W - step X`` for a given ``X`` (read at ``m_ptr``: no maps)."""
     pid = tl.program_id(0)
     q = tl.program_id(1)
     c = pid % C
     bh = pid // C
     b = bh // H
     h = bh % H
+    w_ptr = _at(w_ptr, fw, b, ALIGNED)
+    wo_ptr = _at(wo_ptr, fo, b, ALIGNED)
+    g_ptr = _at(g_ptr, fg, b, ALIGNED)
+    m_ptr = _at(m_ptr, fm, b, ALIGNED)
     rp = KB * BLOCK_R
+    t_ptr += (bh // GT) * rp * rp  # GT heads share a map (grouped roots: per_head)
+    tw_ptr += bh * rp * rp
     ar = tl.arange(0, BLOCK_R)
     start = c * CHUNK
     stop = tl.minimum(start + CHUNK, N)
-    if MODE == 0:
+    if MODE != 1:
         rows = q * BLOCK_R + ar
         rmask = rows < R
         step = tl.load(step_ptr + b)
         for n0 in range(start, stop, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < stop
-            x = _combo(t_ptr, tw_ptr, w_ptr, g_ptr, m_ptr, b, h, bh, rows, cols, cmask, beta, R,
-                       rp, swb, swh, swr, swn, sgb, sgh, sgr, sgn, smb, smh, smr, smn, HAS_TW,
-                       NESTEROV, BLOCK_R, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
+            if MODE == 2:  # X = D itself
+                x = _load(m_ptr, h, rows, cols, smh, smr, smn, rmask[:, None] & cmask[None, :])
+                if NESTEROV:
+                    x = beta * x + _load(g_ptr, h, rows, cols, sgh, sgr, sgn,
+                                         rmask[:, None] & cmask[None, :])  # fmt: skip
+            else:
+                x = _combo(t_ptr, tw_ptr, w_ptr, g_ptr, m_ptr, h, rows, cols, cmask, beta,
+                           R, rp, swh, swr, swn, sgh, sgr, sgn, smh, smr, smn, HAS_TW, NESTEROV,
+                           BLOCK_R, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
             mask = rmask[:, None] & cmask[None, :]
             out = -step * x
             if HAS_W:
-                out += decay * _load(w_ptr, b, h, rows, cols, swb, swh, swr, swn, mask)
-            tl.store(wo_ptr + b * sob + h * soh + rows[:, None] * sor + cols[None, :] * son,
+                out += decay * _load(w_ptr, h, rows, cols, swh, swr, swn, mask)
+            tl.store(wo_ptr + h * soh + rows[:, None] * sor + cols[None, :] * son,
                      out.to(wo_ptr.dtype.element_ty), mask=mask)  # fmt: skip
     else:
         i = q // KB
@@ -262,42 +306,52 @@ def _map_kernel(
         for n0 in range(start, stop, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < stop
-            xi = _combo(t_ptr, tw_ptr, w_ptr, g_ptr, m_ptr, b, h, bh, rows_i, cols, cmask, beta,
-                        R, rp, swb, swh, swr, swn, sgb, sgh, sgr, sgn, smb, smh, smr, smn,
-                        HAS_TW, NESTEROV, BLOCK_R, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
+            xi = _combo(t_ptr, tw_ptr, w_ptr, g_ptr, m_ptr, h, rows_i, cols, cmask, beta,
+                        R, rp, swh, swr, swn, sgh, sgr, sgn, smh, smr, smn, HAS_TW, NESTEROV,
+                        BLOCK_R, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
             if ONE_BLOCK:
                 xj = xi
             elif i == j:
                 xj = xi
             else:
-                xj = _combo(t_ptr, tw_ptr, w_ptr, g_ptr, m_ptr, b, h, bh, rows_j, cols, cmask,
-                            beta, R, rp, swb, swh, swr, swn, sgb, sgh, sgr, sgn, smb, smh, smr,
-                            smn, HAS_TW, NESTEROV, BLOCK_R, BLOCK_N, BLOCK_K,
-                            PRECISION)  # fmt: skip
+                xj = _combo(t_ptr, tw_ptr, w_ptr, g_ptr, m_ptr, h, rows_j, cols, cmask,
+                            beta, R, rp, swh, swr, swn, sgh, sgr, sgn, smh, smr, smn, HAS_TW,
+                            NESTEROV, BLOCK_R, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
             acc += tl.dot(xi, tl.trans(xj), input_precision=PRECISION)
         base = gram_ptr + (bh * C + c) * rp * rp
         tl.store(base + rows_i[:, None] * rp + rows_j[None, :], acc)
 
 
+def _map_heads(t: Tensor, h: int) -> int:
+    """How many maps ``t (..., Ht, r, r)`` holds per batch entry: ``h``, or a KV group's
+    shared one (``Ht`` dividing ``h``: ``reference.phases.per_head``)."""
+    ht = t.shape[-3] if t.dim() >= 3 else 1
+    return ht if ht > 1 and h % ht == 0 else h
+
+
 def _pad_maps(t: Tensor, b: int, h: int, r: int, rp: int) -> Tensor:
-    """``(B, H, r, r)`` (or broadcastable) -> ``(B, H, rp, rp)`` fp32, zero-padded."""
+    """``(B, H, r, r)`` (or broadcastable) -> ``(B, H, rp, rp)`` fp32, zero-padded (``t``
+    itself where it already is that)."""
+    if t.shape == (b, h, rp, rp) and t.dtype == torch.float32 and t.is_contiguous():
+        return t
     out = torch.zeros(b, h, rp, rp, dtype=torch.float32, device=t.device)
     out[..., :r, :r] = t
     return out
 
 
-def _launch_maps(mode: int, w: Tensor, t: Tensor, t_w: Tensor | None, g: Tensor, m: Tensor,
-                 beta: float, nesterov: bool, decay: float = 0.0,
+def _launch_maps(mode: int, w: Tensor, t: Tensor | None, t_w: Tensor | None, g: Tensor,
+                 m: Tensor, beta: float, nesterov: bool, decay: float = 0.0,
                  step: Tensor | float = 0.0, out: Tensor | None = None) -> Tensor:  # fmt: skip
     b, h, r, n = m.shape
     block_r, kb = _row_blocks(r)
     phase = "restart" if mode == 1 else ("apply_tw" if t_w is not None else "apply")
     warps, block_n, block_k = TUNING[phase][block_r]
     rp = kb * block_r
-    blocks = kb if mode == 0 else kb * kb
+    blocks = kb if mode != 1 else kb * kb
     chunk = _chunk(b, h * blocks, n, block_n)
     c = triton.cdiv(n, chunk)
-    tp = _pad_maps(t, b, h, r, rp)
+    ht = h if t is None else _map_heads(t, h)
+    tp = m if t is None else _pad_maps(t, b, ht, r, rp)  # MODE 2 reads no maps
     twp = tp if t_w is None else _pad_maps(t_w, b, h, r, rp)
     steps = torch.as_tensor(step, dtype=torch.float32, device=m.device).reshape(-1).expand(b)
     steps = steps.contiguous()
@@ -305,11 +359,15 @@ def _launch_maps(mode: int, w: Tensor, t: Tensor, t_w: Tensor | None, g: Tensor,
     if mode == 1:
         grams = torch.empty(b * h, c, rp, rp, dtype=torch.float32, device=m.device)
         out = m
+    ops = [_operand(x) for x in (w, out, g, m)]
     _map_kernel[(b * h * c, blocks)](
-        w, out, tp, twp, g, m, steps, grams if grams is not None else tp, float(decay),
-        float(beta), h, r, n, c, chunk, kb, *_strides(w), *_strides(out), *_strides(g),
-        *_strides(m), MODE=mode, HAS_TW=t_w is not None, HAS_W=mode == 0 and decay != 0.0,
-        NESTEROV=bool(nesterov), ONE_BLOCK=kb == 1, BLOCK_R=block_r, BLOCK_N=block_n,
+        *(o[0] for o in ops), *(o[1] for o in ops), tp, twp, steps,
+        grams if grams is not None else tp, float(decay), float(beta), h, r, n, c, chunk, kb,
+        h // ht,
+        *(s for o in ops for s in o[3:]), MODE=mode, HAS_TW=t_w is not None,
+        HAS_W=mode != 1 and decay != 0.0,
+        NESTEROV=bool(nesterov), ONE_BLOCK=kb == 1, ALIGNED=all(o[2] for o in ops), BLOCK_R=block_r,
+        BLOCK_N=block_n,
         BLOCK_K=block_k, PRECISION=DOT_PRECISION, num_warps=warps,
     )  # fmt: skip
     if mode == 1:
@@ -338,7 +396,9 @@ def apply_update(
     w: Tensor, t: Tensor, g: Tensor, m_new: Tensor, beta: float, nesterov: bool,
     decay: float, step: Tensor | float, t_w: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """``reference.phases.apply_update``, fused: ``decay W - step (T D + T_W W)`` (fp32)."""
+    """``reference.phases.apply_update``, fused: ``decay W - step (T D + T_W W)`` (fp32;
+    ``t`` None: ``decay W - step D``)."""
     _check("apply", w, g, m_new)
     out = torch.empty(w.shape, dtype=torch.float32, device=w.device)
-    return _launch_maps(0, w, t, t_w, g, m_new, beta, nesterov, decay, step, out)
+    mode = 2 if t is None else 0
+    return _launch_maps(mode, w, t, t_w, g, m_new, beta, nesterov, decay, step, out)

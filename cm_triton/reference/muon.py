@@ -11,9 +11,10 @@ import torch
 from torch import Tensor
 
 from cm_triton.reference.legs import use_gram
+from cm_triton.reference.phases import PhaseOps
 from cm_triton.reference.primitives import msign
 
-__all__ = ["muon_shape_factor", "muon_direction", "muon_update"]
+__all__ = ["muon_shape_factor", "muon_direction", "muon_update", "muon_gram_update"]
 
 
 def muon_shape_factor(rows: int, cols: int) -> float:
@@ -52,16 +53,55 @@ def muon_update(
     restart: int,
     transposed: bool = False,
     msign_fn=msign,
+    ops: PhaseOps | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Muon on ``(B, ..., rows, cols)`` stacks (a 3-D parameter is a batch of matrices), out
     of place: nesterov momentum ``m' = mom m + g``, one msign per matrix of ``g + mom m'``,
     Muon's shape factor of the mathematical ``(out, in)`` shape (``transposed``: stored
-    ``(in, out)``, as GPT-2's ``Conv1D``) -> ``(w', m')`` in ``w``'s and ``m``'s dtypes."""
+    ``(in, out)``, as GPT-2's ``Conv1D``) -> ``(w', m')`` in ``w``'s and ``m``'s dtypes.
+
+    ``ops``: a batch of matrices ``(B, rows, cols)`` whose sign is taken in Gram form runs
+    through these phases (``muon_gram_update``: a stream and an apply pass, as CM's legs)."""
+    rows, cols = w.shape[-2:]
+    scale = muon_shape_factor(cols, rows) if transposed else muon_shape_factor(rows, cols)
+    decay = 1 - lr * weight_decay
+    if ops is not None and w.dim() == 3 and use_gram(rows, cols, method):
+        return muon_gram_update(w, g, m, momentum, decay, lr * scale, coefficients, restart, ops)
     m_new = m * momentum + g
     update = g + momentum * m_new
     cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
     flat = update.to(cdt).reshape(-1, *update.shape[-2:])
     o = muon_direction(flat, coefficients, dtype, method, restart, msign_fn).view(update.shape)
-    rows, cols = update.shape[-2:]
-    scale = muon_shape_factor(cols, rows) if transposed else muon_shape_factor(rows, cols)
-    return (w * (1 - lr * weight_decay) - (lr * scale) * o).to(w.dtype), m_new
+    return (w * decay - (lr * scale) * o).to(w.dtype), m_new
+
+
+def muon_gram_update(
+    w: Tensor, g: Tensor, m: Tensor, beta: float, decay: float, step: float,
+    coefficients: Sequence[tuple[float, float, float]], restart: int, ops: PhaseOps,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Gram-form Muon through the phases of a CM leg (spec §2.1, §2.2): ``(B, rows, cols)``
+    -> ``(w', m')``, each matrix one leg of one head on its short side (a tall matrix is read
+    transposed, through its strides): the stream writes ``m' = beta m + g`` and takes
+    ``S = D D^T`` of ``D = g + beta m'``; the polynomial runs on S (restarting from the
+    formed iterate's Gram after ``restart`` steps, as ``msign``); the apply writes
+    ``decay W - step T D``. Inputs in the compute dtype (float32, or float64 for float64
+    input; a ``tables.LayerRows`` already is): the kernels convert on load."""
+    tall = w.shape[-2] > w.shape[-1]
+    cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
+
+    def leg(x: Tensor) -> Tensor:  # (B, rows, cols) -> (B, 1, short, long), a view
+        return (x.mT if tall else x).unsqueeze(1).to(cdt)
+
+    def back(x: Tensor) -> Tensor:
+        x = x[:, 0]
+        return x.mT if tall else x
+
+    wl, gl, ml = leg(w), leg(g), leg(m)
+    m_new, grams = ops.stream_grams(wl, gl, ml, beta, True, ("dd",))
+    first = tuple(coefficients[:restart]) if 0 < restart < len(coefficients) else ()
+    t, r = ops.first_maps(grams["dd"], None, first)
+    if first:
+        r = ops.restart_gram(t, gl, m_new, beta, True)
+    t, _ = ops.last_maps(r, t, None, tuple(coefficients[len(first) :]))
+    w_new = ops.apply_update(wl, t, gl, m_new, beta, True, decay, step)
+    return back(w_new).to(w.dtype), back(m_new).to(m.dtype)

@@ -89,13 +89,23 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, *x.shape[-2:]).contiguous()
 
 
+def per_head(maps: Tensor | None, heads: int) -> Tensor | None:
+    """Grouped maps ``(B, Hkv, r, r)`` -> per head ``(B, heads, r, r)``: head ``h`` takes map
+    ``h // (heads // Hkv)`` (a KV group's P heads share their partner's root; the kernels read
+    it by index, this copies). Per-head maps (or None) are returned as they are."""
+    if maps is None or maps.dim() < 3 or maps.shape[-3] in (1, heads):
+        return maps
+    return maps.repeat_interleave(heads // maps.shape[-3], dim=-3)
+
+
 def first_maps(s: Tensor, pre: Tensor | None, coefficients: Coefficients) -> tuple[Tensor, Tensor]:
     """Phase B1: ``s = D D^T``, ``pre`` (or None: identity), both ``(..., dh, dh)`` ->
     ``(T_r, R_r)``: ``T_r D`` is the iterate after ``coefficients`` steps (msign's
-    normalisation folded in) and ``R_r`` its Gram as the polynomial predicts it."""
+    normalisation folded in) and ``R_r`` its Gram as the polynomial predicts it. ``pre`` may
+    be grouped (``per_head``)."""
     shape = s.shape
     s3 = _flat(s)
-    pre3 = None if pre is None else _flat(pre)
+    pre3 = None if pre is None else _flat(per_head(pre, shape[-3]))
     r = s3 if pre3 is None else torch.bmm(torch.bmm(pre3, s3), pre3.mT)
     # nu = ||pre D||_F 1.01 + 1e-7 = sqrt(tr(pre S pre^T)) 1.01 + 1e-7: msign's normalisation
     nu = (trace(r).clamp_min(0).sqrt() * 1.01 + 1e-7)[:, None, None]
@@ -122,12 +132,13 @@ def last_maps(
 ) -> tuple[Tensor, Tensor]:
     """Phase B2: remaining steps on ``R`` -> ``(T = post Q T_r, U U^T)``, the second the Gram
     of the sign before ``post`` (``(B, H, R, R)``): its trace is ``||U||^2`` and
-    ``tr(post U U^T post^T) = ||Delta||^2``, both read off the restart's accurate Gram."""
+    ``tr(post U U^T post^T) = ||Delta||^2``, both read off the restart's accurate Gram.
+    ``post`` may be grouped (``per_head``)."""
     shape = t.shape
     q, r_final = gram_polynomial(_flat(r), coefficients)
     t = torch.bmm(q, _flat(t))
     if post is not None:
-        t = torch.bmm(_flat(post), t)
+        t = torch.bmm(_flat(per_head(post, shape[-3])), t)
     return t.view(shape), r_final.view(shape)
 
 
@@ -138,9 +149,14 @@ def apply_update(
     """Phase C: ``W <- decay W - step (T D + T_W W)`` (``step`` a float or ``(B, 1, 1, 1)``).
 
     Shapes: ``w, g, m_new (B, H, R, n)``; ``t, t_w (B, H, R, R)``. The same pass forms an
-    explicit sign's operand (``decay 0, step -1``) and the reprojected momentum.
+    explicit sign's operand (``decay 0, step -1``) and the reprojected momentum; ``t`` None
+    (and no ``t_w``): ``decay W - step D``, an update formed elsewhere (the hybrid O sign).
+    ``t`` may be grouped (``per_head``).
     """
     d = _direction(g, m_new, beta, nesterov)
+    if t is None:
+        return decay * w - step * d
+    t = per_head(t, w.shape[-3])
     if t_w is not None:
         return decay * w - step * (t @ d + t_w @ w)
     if isinstance(step, Tensor):
@@ -164,6 +180,11 @@ class PhaseOps:
     last_maps: Callable[..., tuple[Tensor, Tensor]]
     apply_update: Callable[..., Tensor]
     inv_sqrt: Callable[..., Tensor]
+    # Whether bytes, not op counts, set the phases' cost (the kernels): then a KV group's
+    # shared root is passed grouped (``per_head``: the kernels read it by index) and the two
+    # roots of a pair are two calls, not one on a concatenation: no small copies. The
+    # reference takes fewer, bigger ops (on a CPU an op's overhead is its cost).
+    bytes_bound: bool = False
 
 
 REFERENCE_PHASES = PhaseOps(stream, stream_grams, cross_grams, first_maps, restart_gram,
@@ -182,12 +203,6 @@ def fusable(opts: CMOptions, dh: int, width_p: int, width_s: int) -> bool:
     )
 
 
-def _eye_damped(a: Tensor, damping: float) -> Tensor:
-    out = a.clone()
-    out.diagonal(dim1=-2, dim2=-1).add_(damping)
-    return out
-
-
 def _roots(a_p: Tensor, a_s: Tensor, g: int, opts: CMOptions, ops: PhaseOps) -> tuple:
     """Partner roots from the (full) per-head Grams: ``r_s`` whitens P legs (partner S),
     ``r_p`` S legs (partner: the P group). ``(B, Hkv, dh, dh)`` each."""
@@ -199,19 +214,24 @@ def _roots(a_p: Tensor, a_s: Tensor, g: int, opts: CMOptions, ops: PhaseOps) -> 
             (a.diagonal(dim1=-2, dim2=-1).sum(-1) / dh + opts.damping).rsqrt() for a in (a_s, a_pg)
         ]
         return sc[0][..., None, None] * eye, sc[1][..., None, None] * eye
-    both = ops.inv_sqrt(_eye_damped(torch.cat([a_s, a_pg], 1), opts.damping), opts.inv_root,
-                        floor=opts.damping)  # fmt: skip
-    return both[:, :hkv].contiguous(), both[:, hkv:].contiguous()
+    eye = opts.damping * torch.eye(dh, dtype=a_s.dtype, device=a_s.device)
+    if ops.bytes_bound:  # two calls, nothing copied
+        return tuple(ops.inv_sqrt(a + eye, opts.inv_root, floor=opts.damping) for a in (a_s, a_pg))
+    both = ops.inv_sqrt(torch.cat([a_s, a_pg], 0) + eye, opts.inv_root, floor=opts.damping)
+    return both[:b], both[b:]  # one batched call; halves of the batch axis, contiguous
 
 
-def partner_roots_from_grams(a_p: Tensor, a_s: Tensor, opts: CMOptions, ops: PhaseOps):
+def partner_roots_from_grams(
+    a_p: Tensor, a_s: Tensor, opts: CMOptions, ops: PhaseOps, grouped: bool = False
+):  # fmt: skip
     """``(root_p (B, Hq, dh, dh), root_s (B, Hkv, dh, dh))`` from full per-head Grams: each P
-    head's whitening root (its KV group's partner S) and each S head's (its group of P)."""
+    head's whitening root (its KV group's partner S) and each S head's (its group of P).
+    ``grouped``: ``root_p`` as its KV groups' ``(B, Hkv, dh, dh)`` (``per_head``)."""
     if opts.whitening == "none":
         return None, None
     g = a_p.shape[1] // a_s.shape[1]
     r_s, r_p = _roots(a_p, a_s, g, opts, ops)
-    return r_s.repeat_interleave(g, dim=1), r_p
+    return (r_s if grouped else r_s.repeat_interleave(g, dim=1)), r_p
 
 
 def leg_update(
@@ -242,22 +262,28 @@ def leg_update(
 
 def hybrid_update(
     w: Tensor, gr: Tensor, m_new: Tensor, root: Tensor | None, opts: CMOptions,
-    sign: Callable[[Tensor], Tensor],
+    sign: Callable[[Tensor], Tensor], ops: PhaseOps = REFERENCE_PHASES,
 ) -> Tensor:  # fmt: skip
     """The hybrid O leg (spec §4.2): one Newton-Schulz ``sign`` over all heads of each batch
-    entry, whitened per head. Shapes: ``w, gr, m_new (B, Hq, dh, n)``, ``root (B, Hq, dh, dh)``;
-    ``sign: (B, Hq*dh, n) -> (B, Hq*dh, n)``."""
+    entry, whitened per head. Shapes: ``w, gr, m_new (B, Hq, dh, n)``, ``root (B, Hq, dh, dh)``
+    (or grouped, ``per_head``); ``sign: (B, Hq*dh, n) -> (B, Hq*dh, n)``. The whitening
+    products are apply passes (``root D``, ``root U``: decay 0, step -1)."""
     b, hq, dh, _ = w.shape
-    x = _direction(gr, m_new, opts.beta, opts.nesterov).reshape(b, hq * dh, -1)
     pre = opts.whitening in ("both", "pre") and root is not None
     post = opts.whitening in ("both", "post") and root is not None
-    u = sign(apply_blocks(root, x) if pre else x)
-    delta = (apply_blocks(root, u) if post else u).view(w.shape)
+    if pre:
+        x = ops.apply_update(m_new, root, gr, m_new, opts.beta, opts.nesterov, 0.0, -1.0)
+    else:
+        x = _direction(gr, m_new, opts.beta, opts.nesterov)
+    u = sign(x.reshape(b, hq * dh, -1))
+    u4 = u.view(w.shape)
+    delta = ops.apply_update(u4, root, u4, u4, 0.0, False, 0.0, -1.0) if post else u4
     step = opts.eta * opts.budget
     if opts.per_mat_renorm:
         u_sq = u.square().unflatten(-2, (hq, -1)).sum((-2, -1))
-        delta = delta * renorm_factor(delta.square().sum((-3, -2, -1)).clamp_min(0).sqrt(), u_sq)
-    return (1.0 - opts.eta * opts.weight_decay) * w - step * delta
+        step = step * renorm_factor(delta.square().sum((-3, -2, -1)).clamp_min(0).sqrt(), u_sq)
+    decay = 1.0 - opts.eta * opts.weight_decay
+    return ops.apply_update(w, None, delta, delta, 0.0, False, decay, step)
 
 
 def gram_pair_step(
@@ -270,7 +296,7 @@ def gram_pair_step(
     """
     mp_new, a_p, s_p = ops.stream(p, gp, mp, opts.beta, opts.nesterov)
     ms_new, a_s, s_s = ops.stream(s, gs, ms, opts.beta, opts.nesterov)
-    root_p, root_s = partner_roots_from_grams(a_p, a_s, opts, ops)
+    root_p, root_s = partner_roots_from_grams(a_p, a_s, opts, ops, ops.bytes_bound)
     b_p, b_s = opts.budgets(p.shape[1] // s.shape[1])
     s_new = leg_update(s, gs, ms_new, s_s, root_s, opts, b_s, ops)
     if hybrid:  # one Newton-Schulz sign over every P head (the whole o_w)
@@ -278,19 +304,21 @@ def gram_pair_step(
         def sign(x: Tensor) -> Tensor:
             return msign_fn(x, opts.ns_coefficients, opts.ns_dtype, "ns", 0)
 
-        p_new = hybrid_update(p, gp, mp_new, root_p, opts, sign)
+        p_new = hybrid_update(p, gp, mp_new, root_p, opts, sign, ops)
     else:
         p_new = leg_update(p, gp, mp_new, s_p, root_p, opts, b_p, ops)
     return p_new, s_new, mp_new, ms_new
 
 
 def post_norm_sq(uu: Tensor, post: Tensor | None) -> Tensor:
-    """``||post U||_F^2`` summed over heads from ``U U^T``: ``(B, H, R, R) -> (B,)``.
+    """``||post U||_F^2`` summed over heads from ``U U^T``: ``(B, H, R, R) -> (B,)`` (``post``
+    per head or grouped, ``per_head``).
 
     Read off the sign's own Gram (the restart's, accurate), not ``tr(T S T^T)`` with the first
     Gram ``S``: that loses what sits below ``sqrt(u) ||D||``, which ``T`` then amplifies by
     ``1 / sigma^2`` (measured 4% off at condition 1e4, ``bench/results/accuracy_flags.md``).
     """
+    post = per_head(post, uu.shape[-3])
     x = uu if post is None else post @ uu @ post.mT
     return trace(x).sum(-1)
 

@@ -33,6 +33,7 @@ class Primitives:
 
     msign: Callable[..., Tensor]
     phases: PhaseOps = REFERENCE_PHASES
+    in_place: bool = False  # the phases read each layer where it lives (``tables.LayerRows``)
 
 
 REFERENCE = Primitives(msign=ref.msign)

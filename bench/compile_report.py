@@ -78,13 +78,15 @@ def launch_everything(blocks: tuple[int, ...]) -> None:
             for nesterov in (False, True):
                 w = _heads(layout, dh)
                 t = torch.zeros(*w.shape[:2], dh, dh)
+                step = torch.full((w.shape[0],), 0.01)  # the engine's: eta per batch entry
                 K.stream_grams(w, w, w, 0.95, nesterov, ("ww", "dd", "wd", "wm"))
                 K.restart_gram(t, w, w, 0.95, nesterov)
                 K.restart_gram(t, w, w, 0.95, nesterov, w=w, t_w=t)  # reprojection
-                K.apply_update(w, t, w, w, 0.95, nesterov, 1.0, 0.01)
-                K.apply_update(w, t, w, w, 0.95, nesterov, 1.0, 0.01, t_w=t)  # connections
+                K.apply_update(w, t, w, w, 0.95, nesterov, 1.0, step)
+                K.apply_update(w, t, w, w, 0.95, nesterov, 1.0, step, t_w=t)  # connections
                 K.apply_update(w, t, w, w, 0.95, nesterov, 0.0, -1.0)  # an explicit sign's X
                 K.apply_update(w, t, w, w, 0.95, nesterov, 0.0, -1.0, t_w=t)
+                K.apply_update(w, None, w, w, 0.0, False, 1.0, step)  # hybrid O: decay W - step U
             u = torch.zeros(*w.shape)  # an explicit sign's U (contiguous)
             K.cross_grams(w, u)
         s = torch.zeros(2, 8, dh, dh)
@@ -119,7 +121,8 @@ def compile_all(targets: tuple[int, ...], blocks: tuple[int, ...], timeout_s: fl
     return records
 
 
-FLAG_COLUMNS = ("NESTEROV", "MODE", "HAS_ROOT", "HAS_TW", "HAS_W", "HAS_X2", "WRITE_M")
+FLAG_COLUMNS = ("NESTEROV", "MODE", "HAS_ROOT", "HAS_TW", "HAS_W", "HAS_X2", "WRITE_M",
+                "STEP_PTR")  # fmt: skip
 
 
 def _row(r: dict) -> str:

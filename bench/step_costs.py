@@ -1,9 +1,10 @@
 """What one optimizer step costs, counted: ``python bench/step_costs.py`` (a markdown table;
 ``--kernels`` adds ``backend="triton"``, through Triton's interpreter where there is no GPU:
-about 20 minutes on 2 cores).
+about 25 minutes on 2 cores; ``--blocks=N`` counts an N-block model instead of 4).
 
 Copies (bytes of stack/cat/clone/copy ops, inputs and outputs, over the parameter bytes),
-host reads of tensor values and aten ops of a steady-state step on the Llama-shaped model of
+host reads of tensor values, aten ops and launches (device-work ops plus Triton launches:
+``tests/step_costs.py``) of a steady-state step on the Llama-shaped model of
 ``tests/step_costs.py`` (4 blocks, d 256, 8/2 heads), for CompositionalMuon and for
 torch.optim's AdamW and Muon on the same model. Deterministic: counts, not timings.
 """
@@ -57,14 +58,18 @@ KERNEL_CASES = {
 
 
 def main() -> None:
-    print("| optimizer | copies (x parameter bytes) | by op | host reads | aten ops |")
-    print("|---|---|---|---|---|")
+    print("| optimizer | copies (x parameter bytes) | by op | host reads | aten ops "
+          "| launches (Triton) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     cases = dict(CASES, **(KERNEL_CASES if "--kernels" in sys.argv else {}))
+    blocks = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--blocks=")), 4)
     for name, make in cases.items():
         torch.manual_seed(0)
-        c = step_costs(Llama(), make)
-        ops = ", ".join(f"{k} {v:.2f}" for k, v in sorted(c.by_op.items()))
-        print(f"| {name} | {c.copies:.2f} | {ops} | {c.reads} | {c.ops} |")
+        c = step_costs(Llama(n=blocks), make)
+        ops = ", ".join(f"{k} {v:.3f}" for k, v in sorted(c.by_op.items()))
+        triton = sum(c.triton.values())
+        print(f"| {name} | {c.copies:.3f} | {ops} | {c.reads} | {c.ops} | {c.launches} "
+              f"({triton}) |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

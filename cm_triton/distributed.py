@@ -67,6 +67,7 @@ from cm_triton.reference.phases import (
     leg_update,
     partner_roots_from_grams,
 )
+from cm_triton.reference.primitives import compute_dtype
 
 __all__ = ["Comm", "comm_for", "O_SIGN_STRATEGIES", "REPLICATED", "o_sign_cost"]
 
@@ -352,7 +353,7 @@ class Comm:
         v_p, o_p = params
         hq, hkv = o_p.shape[1] // dh, v_p.shape[0] // dh
         hkv_loc = hkv // self.world
-        cdt = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
+        cdt = compute_dtype(weights[0].dtype)
 
         def v_heads(x):  # (L, hkv_loc*dh, dv) -> (L, hkv_loc, dh, dv)
             return x.unflatten(1, (hkv_loc, dh)).to(cdt)
@@ -421,7 +422,7 @@ class Comm:
     def sharded_msign(self, x: Tensor, coefficients, dtype) -> Tensor:
         """``msign`` of ``(B, n, d)`` matrices whose width d is sharded (``x`` holds this
         rank's columns), by Newton-Schulz with ``X X^T`` all-reduced each step (n <= d)."""
-        out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out_dtype = compute_dtype(x.dtype)
         y = x.to(out_dtype)
         sq = self.all_reduce(y.square().sum((-2, -1)))
         y = y / (sq.sqrt()[:, None, None] * 1.01 + 1e-7)
@@ -462,7 +463,7 @@ class Comm:
         owner = [(self._next_owner + i) % self.world for i in range(len(params))]
         self._next_owner += len(params)
         mine = [i for i, o in enumerate(owner) if o == self.rank]
-        cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
+        cdt = compute_dtype(w.dtype)
         padded = torch.nn.functional.pad(update.to(cdt), (0, 0, 0, chunk - (stop - start)))
         send = torch.cat([padded[[i for i, o in enumerate(owner) if o == r]].flatten()
                           for r in range(self.world)])  # fmt: skip
@@ -512,7 +513,7 @@ def _momentum(layout, weights, grads, moms, group: dict, opts: CMOptions) -> lis
     pair factor's ``beta m + G`` in the compute dtype (``momentum_update``, ``phases.stream``),
     rounded to the buffer's dtype as the write does; each Muon extra's rows (the layout covers
     every row exactly once) ``m mom + G`` in the buffer's dtype (``_muon_math``)."""
-    cdtype = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
+    cdtype = compute_dtype(weights[0].dtype)
     new_m = [(opts.beta * m.to(cdtype) + g.to(cdtype)).to(m.dtype) for m, g in zip(moms, grads)]
     for extra in layout.muon:
         m, gr = (extra.heads(x[extra.param]) for x in (moms, grads))

@@ -42,6 +42,7 @@ from cm_triton.layouts import Heads, Layout
 from cm_triton.options import CMOptions
 from cm_triton.reference.adamw import adamw_update
 from cm_triton.reference.muon import muon_update
+from cm_triton.reference.primitives import compute_dtype
 from cm_triton.reference.rule import Primitives, pair_step
 from cm_triton.tables import LayerRows, layer_rows
 
@@ -262,7 +263,7 @@ def compute_attention(
     """The rule on stacked parameters: ``weights[i] (L, *shape_i)`` (and grads, momentum) ->
     new weight and momentum stacks, each pair read and written through ``layout``'s views.
     Nothing is written in place."""
-    cdtype = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
+    cdtype = compute_dtype(weights[0].dtype)
     new_w: dict[int, list] = defaultdict(list)
     new_m: dict[int, list] = defaultdict(list)
 
@@ -370,7 +371,7 @@ def _gather(ts: list[Tensor], columns: bool, in_place: bool) -> Tensor:
     """``(L, R, C)`` of L tensors: read where they live (``tables.LayerRows``, the kernels'
     pointer table) when ``in_place`` and they allow it, else one ``_stack``."""
     if in_place:
-        cdtype = torch.float64 if ts[0].dtype == torch.float64 else torch.float32
+        cdtype = compute_dtype(ts[0].dtype)
         rows = layer_rows(ts, cdtype)
         if rows is not None:
             return rows

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from cm_triton.dispatch import resolve_options, resolve_primitives
 from cm_triton.options import CMOptions
+from cm_triton.reference.primitives import compute_dtype
 from cm_triton.reference.rule import pair_step
 from cm_triton.schedules import POLAR_EXPRESS_8
 
@@ -161,7 +162,7 @@ def _run(
         p_names, s_names, p_view = ("o_w", "o_grad", "m_o"), ("v_w", "v_grad", "m_v"), col_heads_t
     p_views = [p_view(named[n], head_dim) for n in p_names]
     s_views = [row_heads(named[n], head_dim) for n in s_names]
-    dtype = torch.float64 if named[p_names[0]].dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(named[p_names[0]].dtype)
     # A batch of one pair, each factor's heads contiguous (o's columns are a strided view):
     # the optimizer gathers them so, and a batched product rounds by its operands' layout.
     p, gp, mp = (t.to(dtype).contiguous()[None] for t in p_views)

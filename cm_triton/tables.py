@@ -24,31 +24,26 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-__all__ = ["LayerRows", "layer_rows", "offsets_of", "FORMED"]
+__all__ = ["LayerRows", "layer_rows", "offsets_table", "FORMED"]
 
 aten = torch.ops.aten
 
-_OFFSETS: dict[tuple, Tensor] = {}  # (device, pointers) -> the device table, reused
+_OFFSETS: dict[tuple, Tensor] = {}  # (device, offsets) -> the device table, reused
 # Bytes (inputs and outputs) of the stacks formed for ops the kernels did not take, by op: a
 # dispatch mode does not see them (they run inside this subclass's dispatch), so counters of
 # a step's copies (tests/step_costs.py) add these.
 FORMED: Counter = Counter()
 
 
-def offsets_of(layers: Sequence[Tensor]) -> Tensor:
-    """``(L,)`` int64 on the layers' device: each layer's element distance from layer 0.
-
-    Built once per set of addresses (a step's gradients usually reuse the last step's)."""
-    first = layers[0]
-    size = first.element_size()
-    ptrs = tuple(t.data_ptr() for t in layers)
-    key = (first.device, size, ptrs)
+def offsets_table(device: torch.device, offsets: tuple[int, ...]) -> Tensor:
+    """``(L,)`` int64 on ``device`` holding ``offsets`` (element distances from entry 0), built
+    once per distinct table and reused: a step's layers usually sit as the last step's did."""
+    key = (device, offsets)
     table = _OFFSETS.get(key)
     if table is None:
         if len(_OFFSETS) > 256:
             _OFFSETS.clear()
-        deltas = [(p - ptrs[0]) // size for p in ptrs]
-        table = _OFFSETS[key] = torch.tensor(deltas, dtype=torch.int64, device=first.device)
+        table = _OFFSETS[key] = torch.tensor(offsets, dtype=torch.int64, device=device)
     return table
 
 
@@ -174,8 +169,10 @@ def layer_rows(layers: Sequence[Tensor], dtype: torch.dtype) -> LayerRows | None
     if any(t.stride() != first.stride() or t.dtype != first.dtype or t.device != first.device
            or t.shape != first.shape for t in layers):  # fmt: skip
         return None
-    deltas = [t.data_ptr() - first.data_ptr() for t in layers]
-    if any(d % first.element_size() for d in deltas):
+    size = first.element_size()
+    deltas = [t.data_ptr() - first.data_ptr() for t in layers]  # bytes from layer 0
+    if any(d % size for d in deltas):
         return None
     aligned = all(d % 16 == 0 for d in deltas)
-    return LayerRows(layers, lambda stack: stack, first, offsets_of(layers), aligned, dtype)
+    offsets = offsets_table(first.device, tuple(d // size for d in deltas))
+    return LayerRows(layers, lambda stack: stack, first, offsets, aligned, dtype)

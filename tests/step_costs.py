@@ -4,26 +4,35 @@
 A ``TorchDispatchMode`` sees every aten op a step dispatches and its tensors: the bytes of the
 copying ops (each op's inputs and outputs, in units of the model's parameter bytes), the host
 reads of tensor values (``_local_scalar_dense``: ``bool()``, ``.item()``, ``.tolist()``; each is
-a device sync on CUDA) and the number of ops. Copies that Triton's interpreter makes of a
-kernel's arguments (it has no GPU memory to launch in) are not the package's and are left out.
+a device sync on CUDA), the number of ops, and the launches: the ops that do device work (not
+views, not allocations: on CUDA each launches at least one kernel; a ``_foreach`` op may launch
+a few, one per chunk of its list) plus the Triton kernels' launches. Copies that Triton's
+interpreter makes of a kernel's arguments (it has no GPU memory to launch in) are not the
+package's and are left out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
+from helpers import kernel_launches
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from cm_triton.dispatch import triton_available
 from cm_triton.tables import FORMED
 
 COPIES = ("stack", "cat", "clone", "copy_", "_foreach_copy_", "_to_copy", "index_select",
           "contiguous")  # fmt: skip
 HOST_READS = ("_local_scalar_dense", "nonzero", "equal", "is_nonzero")
+# Ops that launch nothing on CUDA besides views: allocations and metadata.
+NO_WORK = ("empty", "empty_like", "empty_strided", "lift_fresh", "_local_scalar_dense",
+           "set_", "resize_")  # fmt: skip
 
 
 def _in_interpreter() -> bool:
@@ -36,13 +45,15 @@ def _in_interpreter() -> bool:
 
 
 class StepCounter(TorchDispatchMode):
-    """Copy bytes by op, host reads by op, and the op count of what runs inside it."""
+    """Copy bytes by op, host reads by op, and the op and device-work op counts of what
+    runs inside it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.copies: Counter = Counter()
         self.reads: Counter = Counter()
         self.ops = 0
+        self.device_ops = 0  # not views, not allocations (NO_WORK)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -50,6 +61,8 @@ class StepCounter(TorchDispatchMode):
         if name in COPIES and _in_interpreter():
             return out
         self.ops += 1
+        if not func.is_view and name not in NO_WORK:
+            self.device_ops += 1
         if name in HOST_READS:
             self.reads[name] += 1
         if name in COPIES:
@@ -115,6 +128,13 @@ class Costs:
     by_op: dict[str, float]
     reads: int
     ops: int
+    launches: int  # device-work ops plus Triton launches (a CUDA step's launches, at least)
+    triton: dict[str, int]  # the Triton launches by kernel (helpers.KERNELS' names)
+
+
+def _launches():
+    """Count the Triton launches (``helpers.kernel_launches``) where triton is installed."""
+    return kernel_launches() if triton_available() else contextlib.nullcontext(Counter())
 
 
 def step_costs(model: nn.Module, make_optimizer, steps_before: int = 1) -> Costs:
@@ -129,10 +149,12 @@ def step_costs(model: nn.Module, make_optimizer, steps_before: int = 1) -> Costs
             opt.step()
     counter = StepCounter()
     formed = Counter(FORMED)
-    with counter:
+    with _launches() as launched, counter:
         opt.step()
     # Stacks formed inside LayerRows' own dispatch (the mode cannot see them): counted there.
     counter.copies.update(Counter(FORMED) - formed)
     pbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     by_op = {k: v / pbytes for k, v in counter.copies.items()}
-    return Costs(sum(by_op.values()), by_op, sum(counter.reads.values()), counter.ops)
+    triton = dict(launched)
+    return Costs(sum(by_op.values()), by_op, sum(counter.reads.values()), counter.ops,
+                 counter.device_ops + sum(triton.values()), triton)  # fmt: skip

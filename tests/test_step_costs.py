@@ -67,8 +67,18 @@ def test_host_reads_per_step(nonfinite, reads):
 def test_ops_per_step_do_not_grow_with_depth():
     # (With nonfinite="skip", AdamW masks each of its parameters on its own: its ops grow
     # with the number of AdamW parameters, the norms of every layer.)
-    two, eight = (step_costs(Llama(n=n, d=64), _cm()).ops for n in (2, 8))
-    assert two == eight and two > 100, (two, eight)
+    two, eight = (step_costs(Llama(n=n, d=64), _cm()) for n in (2, 8))
+    assert two.ops == eight.ops and two.ops > 100, (two.ops, eight.ops)
+    assert two.launches == eight.launches and 0 < two.launches < two.ops, (two, eight)
+    assert not two.triton  # the reference path launches no Triton kernel
+
+
+def test_kernel_launches_per_step_do_not_grow_with_depth():
+    # backend="triton": each batch's passes are one launch over all of its layers (the
+    # kernels read layer l at first + offsets[l]), so a deeper model launches the same.
+    one, two = (step_costs(Llama(n=n, d=64, hq=4, hkv=2), _cm(backend="triton")) for n in (1, 2))
+    assert one.triton == two.triton and one.launches == two.launches, (one, two)
+    assert one.triton["gram"] >= 1 and one.triton["map"] >= 1, one.triton
 
 
 def test_a_step_does_not_plan(monkeypatch):

@@ -30,7 +30,8 @@ import triton.language as tl
 from torch import Tensor
 
 from cm_triton.kernels.common import DOT_PRECISION, TUNING, _chunk, streams_take, unsupported
-from cm_triton.tables import LayerRows
+from cm_triton.reference.phases import group_size
+from cm_triton.tables import LayerRows, offsets_table
 
 __all__ = ["stream", "stream_grams", "cross_grams", "restart_gram", "apply_update"]
 
@@ -143,9 +144,6 @@ def _gram_kernel(
     tl.store(base + rows_i[:, None] * rp + rows_j[None, :], acc)
 
 
-_ENTRY_OFFSETS: dict[tuple, Tensor] = {}
-
-
 def _operand(x: Tensor) -> tuple[Tensor, Tensor, bool, int, int, int]:
     """A big ``(B, H, R, n)`` operand as the kernels read it: ``(pointer, offsets, aligned, sh,
     sr, sn)``, batch entry ``b`` at ``pointer + offsets[b]`` (``aligned``: every offset a whole
@@ -153,10 +151,7 @@ def _operand(x: Tensor) -> tuple[Tensor, Tensor, bool, int, int, int]:
     through its batch stride."""
     if isinstance(x, LayerRows):
         return (x.first, x.offsets, x.aligned, *x.first.stride())
-    key = (x.device, x.shape[0], x.stride(0))
-    offsets = _ENTRY_OFFSETS.get(key)
-    if offsets is None:
-        offsets = _ENTRY_OFFSETS[key] = torch.arange(x.shape[0], device=x.device) * x.stride(0)
+    offsets = offsets_table(x.device, tuple(b * x.stride(0) for b in range(x.shape[0])))
     return (x, offsets, x.stride(0) * x.element_size() % 16 == 0, *x.stride()[1:])
 
 
@@ -251,14 +246,16 @@ def _combo(
 
 @triton.jit
 def _map_kernel(
-    w_ptr, wo_ptr, g_ptr, m_ptr, fw, fo, fg, fm, t_ptr, tw_ptr, step_ptr, gram_ptr, decay,
-    beta, H, R, N, C, CHUNK, KB, GT, swh, swr, swn, soh, sor, son, sgh, sgr, sgn, smh, smr, smn,
-    MODE: tl.constexpr, HAS_TW: tl.constexpr, HAS_W: tl.constexpr, NESTEROV: tl.constexpr,
+    w_ptr, wo_ptr, g_ptr, m_ptr, fw, fo, fg, fm, t_ptr, tw_ptr, step_ptr, step_val, step_sb,
+    gram_ptr, decay, beta, H, R, N, C, CHUNK, KB, GT, swh, swr, swn, soh, sor, son, sgh, sgr,
+    sgn, smh, smr, smn, MODE: tl.constexpr, HAS_TW: tl.constexpr, HAS_W: tl.constexpr,
+    STEP_PTR: tl.constexpr, NESTEROV: tl.constexpr,
     ONE_BLOCK: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """MODE 0: ``out = decay W - step X``; MODE 1: partial Grams ``X_i X_j^T``; MODE 2:
-    ``out = decay W - step X`` for a given ``X`` (read at ``m_ptr``: no maps)."""
+    ``out = decay W - step X`` for a given ``X`` (read at ``m_ptr``: no maps). ``step``: entry
+    ``b`` of a device tensor at ``step_ptr + b * step_sb`` (``STEP_PTR``), else ``step_val``."""
     pid = tl.program_id(0)
     q = tl.program_id(1)
     c = pid % C
@@ -270,7 +267,7 @@ def _map_kernel(
     g_ptr = _at(g_ptr, fg, b, ALIGNED)
     m_ptr = _at(m_ptr, fm, b, ALIGNED)
     rp = KB * BLOCK_R
-    t_ptr += (bh // GT) * rp * rp  # GT heads share a map (grouped roots: per_head)
+    t_ptr += (bh // GT) * rp * rp  # GT heads share a map (grouped roots: group_size)
     tw_ptr += bh * rp * rp
     ar = tl.arange(0, BLOCK_R)
     start = c * CHUNK
@@ -278,7 +275,10 @@ def _map_kernel(
     if MODE != 1:
         rows = q * BLOCK_R + ar
         rmask = rows < R
-        step = tl.load(step_ptr + b)
+        if STEP_PTR:
+            step = tl.load(step_ptr + b * step_sb)
+        else:
+            step = step_val
         for n0 in range(start, stop, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < stop
@@ -322,13 +322,6 @@ def _map_kernel(
         tl.store(base + rows_i[:, None] * rp + rows_j[None, :], acc)
 
 
-def _map_heads(t: Tensor, h: int) -> int:
-    """How many maps ``t (..., Ht, r, r)`` holds per batch entry: ``h``, or a KV group's
-    shared one (``Ht`` dividing ``h``: ``reference.phases.per_head``)."""
-    ht = t.shape[-3] if t.dim() >= 3 else 1
-    return ht if ht > 1 and h % ht == 0 else h
-
-
 def _pad_maps(t: Tensor, b: int, h: int, r: int, rp: int) -> Tensor:
     """``(B, H, r, r)`` (or broadcastable) -> ``(B, H, rp, rp)`` fp32, zero-padded (``t``
     itself where it already is that)."""
@@ -350,22 +343,27 @@ def _launch_maps(mode: int, w: Tensor, t: Tensor | None, t_w: Tensor | None, g: 
     blocks = kb if mode != 1 else kb * kb
     chunk = _chunk(b, h * blocks, n, block_n)
     c = triton.cdiv(n, chunk)
-    ht = h if t is None else _map_heads(t, h)
+    gt = group_size(t, h)  # GT heads share a map (grouped roots)
+    ht = h // gt
     tp = m if t is None else _pad_maps(t, b, ht, r, rp)  # MODE 2 reads no maps
     twp = tp if t_w is None else _pad_maps(t_w, b, h, r, rp)
-    steps = torch.as_tensor(step, dtype=torch.float32, device=m.device).reshape(-1).expand(b)
-    steps = steps.contiguous()
+    # A tensor step (one per batch entry, or one for all: stride 0) is read on the device, a
+    # number passed as one: neither is copied (nor, under a CUDA graph, uploaded) per launch.
+    steps = None
+    if torch.is_tensor(step):
+        steps = step.to(device=m.device, dtype=torch.float32).reshape(-1)
     grams = None
     if mode == 1:
         grams = torch.empty(b * h, c, rp, rp, dtype=torch.float32, device=m.device)
         out = m
     ops = [_operand(x) for x in (w, out, g, m)]
     _map_kernel[(b * h * c, blocks)](
-        *(o[0] for o in ops), *(o[1] for o in ops), tp, twp, steps,
+        *(o[0] for o in ops), *(o[1] for o in ops), tp, twp, tp if steps is None else steps,
+        0.0 if steps is not None else float(step), int(steps is not None and steps.numel() > 1),
         grams if grams is not None else tp, float(decay), float(beta), h, r, n, c, chunk, kb,
-        h // ht,
+        gt,
         *(s for o in ops for s in o[3:]), MODE=mode, HAS_TW=t_w is not None,
-        HAS_W=mode != 1 and decay != 0.0,
+        HAS_W=mode != 1 and decay != 0.0, STEP_PTR=steps is not None,
         NESTEROV=bool(nesterov), ONE_BLOCK=kb == 1, ALIGNED=all(o[2] for o in ops), BLOCK_R=block_r,
         BLOCK_N=block_n,
         BLOCK_K=block_k, PRECISION=DOT_PRECISION, num_warps=warps,

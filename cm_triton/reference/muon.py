@@ -12,7 +12,7 @@ from torch import Tensor
 
 from cm_triton.reference.legs import use_gram
 from cm_triton.reference.phases import PhaseOps
-from cm_triton.reference.primitives import msign
+from cm_triton.reference.primitives import compute_dtype, msign
 
 __all__ = ["muon_shape_factor", "muon_direction", "muon_update", "muon_gram_update"]
 
@@ -69,7 +69,7 @@ def muon_update(
         return muon_gram_update(w, g, m, momentum, decay, lr * scale, coefficients, restart, ops)
     m_new = m * momentum + g
     update = g + momentum * m_new
-    cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(w.dtype)
     flat = update.to(cdt).reshape(-1, *update.shape[-2:])
     o = muon_direction(flat, coefficients, dtype, method, restart, msign_fn).view(update.shape)
     return (w * decay - (lr * scale) * o).to(w.dtype), m_new
@@ -87,7 +87,7 @@ def muon_gram_update(
     ``decay W - step T D``. Inputs in the compute dtype (float32, or float64 for float64
     input; a ``tables.LayerRows`` already is): the kernels convert on load."""
     tall = w.shape[-2] > w.shape[-1]
-    cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(w.dtype)
 
     def leg(x: Tensor) -> Tensor:  # (B, rows, cols) -> (B, 1, short, long), a view
         return (x.mT if tall else x).unsqueeze(1).to(cdt)

@@ -89,13 +89,20 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, *x.shape[-2:]).contiguous()
 
 
+def group_size(maps: Tensor | None, heads: int) -> int:
+    """How many of ``heads`` heads share each map of ``maps (B, Hkv, r, r)``: ``heads // Hkv``
+    for a KV group's shared maps, 1 for per-head ones (or None, or ones that broadcast)."""
+    if maps is None or maps.dim() < 3 or maps.shape[-3] in (1, heads):
+        return 1
+    return heads // maps.shape[-3]
+
+
 def per_head(maps: Tensor | None, heads: int) -> Tensor | None:
     """Grouped maps ``(B, Hkv, r, r)`` -> per head ``(B, heads, r, r)``: head ``h`` takes map
-    ``h // (heads // Hkv)`` (a KV group's P heads share their partner's root; the kernels read
-    it by index, this copies). Per-head maps (or None) are returned as they are."""
-    if maps is None or maps.dim() < 3 or maps.shape[-3] in (1, heads):
-        return maps
-    return maps.repeat_interleave(heads // maps.shape[-3], dim=-3)
+    ``h // group_size`` (a KV group's heads share their partner's root; the kernels read it
+    by index, this copies). Per-head maps (or None) are returned as they are."""
+    g = group_size(maps, heads)
+    return maps if g == 1 else maps.repeat_interleave(g, dim=-3)
 
 
 def first_maps(s: Tensor, pre: Tensor | None, coefficients: Coefficients) -> tuple[Tensor, Tensor]:

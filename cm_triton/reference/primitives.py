@@ -13,6 +13,7 @@ from torch import Tensor
 from cm_triton.schedules import INV_SQRT_NEWTON, INV_SQRT_QUINTIC, POLAR_EXPRESS_8
 
 __all__ = [
+    "compute_dtype",
     "msign",
     "gram_polynomial",
     "normalise",
@@ -24,6 +25,13 @@ __all__ = [
 ]
 
 Coefficients = Sequence[tuple[float, float, float]]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the rule computes in for tensors of ``dtype``: float64 for float64, float32
+    for everything else (bf16/fp16 weights and gradients are widened on read: spec §2's
+    normalisation and output in fp32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _add_eye_(x: Tensor, a: float) -> Tensor:
@@ -100,7 +108,7 @@ def msign(
     """
     if method not in ("ns", "gram"):
         raise ValueError(f"ns_method must be 'ns' or 'gram', got {method!r}")
-    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out_dtype = compute_dtype(x.dtype)
     tall = x.shape[-2] > x.shape[-1]
     y = x.to(out_dtype)
     if tall:

@@ -349,9 +349,15 @@ def _launch_maps(mode: int, w: Tensor, t: Tensor | None, t_w: Tensor | None, g: 
     twp = tp if t_w is None else _pad_maps(t_w, b, h, r, rp)
     # A tensor step (one per batch entry, or one for all: stride 0) is read on the device, a
     # number passed as one: neither is copied (nor, under a CUDA graph, uploaded) per launch.
-    steps = None
+    steps, step_val, step_sb = None, 0.0, 0
     if torch.is_tensor(step):
         steps = step.to(device=m.device, dtype=torch.float32).reshape(-1)
+        if steps.numel() not in (1, b):
+            raise ValueError(f"step: expected 1 or {b} values (one per batch entry), "
+                             f"got {steps.numel()}")  # fmt: skip
+        step_sb = int(steps.numel() > 1)
+    else:
+        step_val = float(step)
     grams = None
     if mode == 1:
         grams = torch.empty(b * h, c, rp, rp, dtype=torch.float32, device=m.device)
@@ -359,7 +365,7 @@ def _launch_maps(mode: int, w: Tensor, t: Tensor | None, t_w: Tensor | None, g: 
     ops = [_operand(x) for x in (w, out, g, m)]
     _map_kernel[(b * h * c, blocks)](
         *(o[0] for o in ops), *(o[1] for o in ops), tp, twp, tp if steps is None else steps,
-        0.0 if steps is not None else float(step), int(steps is not None and steps.numel() > 1),
+        step_val, step_sb,
         grams if grams is not None else tp, float(decay), float(beta), h, r, n, c, chunk, kb,
         gt,
         *(s for o in ops for s in o[3:]), MODE=mode, HAS_TW=t_w is not None,

@@ -67,7 +67,7 @@ from cm_triton.reference.phases import (
     leg_update,
     partner_roots_from_grams,
 )
-from cm_triton.reference.primitives import compute_dtype
+from cm_triton.reference.primitives import compute_dtype, ns_iterate
 
 __all__ = ["Comm", "comm_for", "O_SIGN_STRATEGIES", "REPLICATED", "o_sign_cost"]
 
@@ -426,11 +426,7 @@ class Comm:
         y = x.to(out_dtype)
         sq = self.all_reduce(y.square().sum((-2, -1)))
         y = y / (sq.sqrt()[:, None, None] * 1.01 + 1e-7)
-        y = y.to(dtype or out_dtype)
-        for a, b, c in coefficients:
-            gram = self.all_reduce(torch.bmm(y, y.mT))
-            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-            y = torch.baddbmm(y, poly, y, beta=a)
+        y = ns_iterate(y.to(dtype or out_dtype), coefficients, self.all_reduce)
         return y.to(out_dtype)
 
     def muon(self, b, w, g, m, group: dict, opts: CMOptions, prims):

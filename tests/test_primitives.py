@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from oracle import ns_msign, svd_msign
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cm_triton import MUON_CLASSIC_5, POLAR_EXPRESS_8
 from cm_triton.reference import gram, gram_inv_sqrt, inv_sqrt, msign, partner_roots
+from cm_triton.reference.primitives import gram_polynomial
 
 BF16_NS_RTOL = 0.1  # see test_msign_bf16_iterations_return_fp32 for the derivation
 
@@ -47,6 +49,53 @@ def test_msign_does_not_modify_its_input():
         before = x.clone()
         msign(x, dtype=torch.bfloat16)
         assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 8])
+def test_gram_polynomial_is_the_iteration_on_x_and_leaves_r_unchanged(steps):
+    # Q X must be what X <- a X + (b A + c A A) X makes of X, and R_final its Gram; R is read
+    # only (the polynomial writes into its own buffers). float64 over <= 8 steps of O(1)
+    # matrices: rounding ~1e-14; 1e-10 holds it, a wrong buffer swap is O(1).
+    coefficients = POLAR_EXPRESS_8[:steps]
+    x = torch.randn(3, 8, 24, dtype=torch.float64)
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) * 1.01)
+    r = x @ x.mT
+    before = r.clone()
+    q, r_final = gram_polynomial(r, coefficients)
+    y = x
+    for a, b, c in coefficients:
+        s = y @ y.mT
+        y = a * y + (b * s + c * s @ s) @ y
+    torch.testing.assert_close(q @ x, y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(r_final, y @ y.mT, rtol=1e-10, atol=1e-10)
+    assert torch.equal(r, before)
+
+
+class _Allocations(TorchDispatchMode):
+    """Counts the ops that allocate their result (not views, not in place, not ``out=``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not (func.is_view or func._schema.is_mutable or "out" in kwargs):
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["ns", "gram"])
+def test_msign_allocations_do_not_grow_with_the_steps(method):
+    # Each step writes into buffers made once per call (primitives._buffers): on the CPU a
+    # new large product per step is fresh pages from the OS. 2 and 8 steps allocate the same.
+    x = torch.randn(4, 16, 48)
+    counts = []
+    for steps in (2, 8):
+        with _Allocations() as mode:
+            msign(x, POLAR_EXPRESS_8[:steps], method=method)
+        counts.append(mode.count)
+    assert counts[0] == counts[1], counts
 
 
 def test_msign_bf16_iterations_return_fp32():

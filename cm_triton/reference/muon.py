@@ -67,12 +67,15 @@ def muon_update(
     decay = 1 - lr * weight_decay
     if ops is not None and w.dim() == 3 and use_gram(rows, cols, method):
         return muon_gram_update(w, g, m, momentum, decay, lr * scale, coefficients, restart, ops)
-    m_new = m * momentum + g
-    update = g + momentum * m_new
+    # Each product below is a new tensor of this function's, finished in place: the same
+    # arithmetic as `m * momentum + g` etc. with one allocation per result (on the CPU each
+    # allocation of a large stack faults in fresh pages: `primitives._buffers`).
+    m_new = (m * momentum).add_(g)
+    update = (m_new * momentum).add_(g)
     cdt = compute_dtype(w.dtype)
     flat = update.to(cdt).reshape(-1, *update.shape[-2:])
     o = muon_direction(flat, coefficients, dtype, method, restart, msign_fn).view(update.shape)
-    return (w * decay - (lr * scale) * o).to(w.dtype), m_new
+    return (w * decay).sub_(o.mul(lr * scale)).to(w.dtype), m_new
 
 
 def muon_gram_update(

@@ -5,7 +5,7 @@ Every function here is pure: it never writes to its inputs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -15,6 +15,7 @@ from cm_triton.schedules import INV_SQRT_NEWTON, INV_SQRT_QUINTIC, POLAR_EXPRESS
 __all__ = [
     "compute_dtype",
     "msign",
+    "ns_iterate",
     "gram_polynomial",
     "normalise",
     "inv_sqrt",
@@ -46,6 +47,15 @@ def normalise(x: Tensor) -> Tensor:
     return x / (torch.linalg.matrix_norm(x, keepdim=True) * 1.01 + 1e-7)
 
 
+def _buffers(like: Tensor, n: int) -> list[Tensor]:
+    """``n`` new contiguous tensors of ``like``'s shape, dtype and device. The iterations below
+    write their products into these (``out=``) rather than allocating one per product: on the
+    CPU, glibc's malloc maps each allocation over 32 MB fresh from the OS, and it faults in
+    page by page (a 4-block d-1024 model's step faulted in 800k pages before this, 450k
+    after; `bench/results/cpu_step.md`)."""
+    return [torch.empty(like.shape, dtype=like.dtype, device=like.device) for _ in range(n)]
+
+
 def gram_polynomial(r: Tensor, coefficients: Coefficients) -> tuple[Tensor, Tensor]:
     """The Newton-Schulz polynomial evaluated on the Gram (spec §2.1).
 
@@ -55,24 +65,41 @@ def gram_polynomial(r: Tensor, coefficients: Coefficients) -> tuple[Tensor, Tens
     """
     shape = r.shape
     r = r.reshape(-1, *shape[-2:])
+    if not coefficients:
+        return _add_eye_(torch.zeros_like(r), 1.0).view(shape), r.view(shape)
+    # Each product has its buffer; Q ping-pongs between two. R's new value goes to `r_buf`
+    # after the step has read the old one (the caller's r, in the first step, is only read).
+    p_buf, spare, q_next, pr, prp, r_buf = _buffers(r, 6)
     q = None
     for a, b, c in coefficients:
-        p = _add_eye_(torch.baddbmm(r, r, r, beta=b, alpha=c), a)  # a I + b R + c R^2
-        q = p if q is None else p @ q
-        r = (p @ r) @ p
-        r = 0.5 * (r + r.mT)  # P and R commute: symmetric in exact arithmetic
-    if q is None:
-        q = _add_eye_(torch.zeros_like(r), 1.0)
+        p = _add_eye_(torch.baddbmm(r, r, r, beta=b, alpha=c, out=p_buf), a)  # a I + b R + c R^2
+        if q is None:
+            q, p_buf = p, spare  # Q = P: this P is kept, the next one goes to the spare
+        else:
+            q, q_next = torch.bmm(p, q, out=q_next), q
+        torch.bmm(torch.bmm(p, r, out=pr), p, out=prp)
+        # P and R commute: symmetric in exact arithmetic
+        r = torch.add(prp, prp.mT, out=r_buf).mul_(0.5)
     return q.view(shape), r.view(shape)
 
 
-def _msign_ns(y: Tensor, coefficients: Coefficients) -> Tensor:
+def ns_iterate(
+    y: Tensor, coefficients: Coefficients, reduce: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """Newton-Schulz on a normalised ``y (B, m, n)``, ``m <= n``: per step ``A = Y Y^T``,
+    ``Y <- a Y + (b A + c A A) Y`` -> ``(B, m, n)``. ``reduce`` (or None) is applied to each
+    ``A`` before it is used: a ``y`` whose columns are split over ranks all-reduces it."""
+    if not coefficients:
+        return y
+    y_a, y_b = _buffers(y, 2)
+    gram_, poly = _buffers(y[..., : y.shape[-2]], 2)
     for a, b, c in coefficients:
-        # A = X X^T;  X <- a X + (b A + c A A) X, with the scalings fused into the products
-        # (baddbmm: beta*input + alpha*(m1 @ m2)), which halves the passes over X on the CPU.
-        gram_ = torch.bmm(y, y.mT)
-        poly = torch.baddbmm(gram_, gram_, gram_, beta=b, alpha=c)
-        y = torch.baddbmm(y, poly, y, beta=a)
+        # The scalings are fused into the products (baddbmm: beta*input + alpha*(m1 @ m2)),
+        # which halves the passes over Y on the CPU.
+        g = torch.bmm(y, y.mT, out=gram_)
+        g = g if reduce is None else reduce(g)
+        torch.baddbmm(g, g, g, beta=b, alpha=c, out=poly)
+        y, y_a, y_b = torch.baddbmm(y, poly, y, beta=a, out=y_a), y_b, y_a
     return y
 
 
@@ -120,7 +147,7 @@ def msign(
     if method == "gram":
         y = _msign_gram(y, coefficients, restart)
     else:
-        y = _msign_ns(y.to(dtype if dtype is not None else out_dtype), coefficients)
+        y = ns_iterate(y.to(dtype if dtype is not None else out_dtype), coefficients)
     y = y.reshape(*lead, *y.shape[-2:]).to(out_dtype)
     return y.mT if tall else y
 

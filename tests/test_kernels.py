@@ -83,6 +83,17 @@ def test_streaming_phases_match_the_reference(kp, dh, layout, nesterov):
                 - 0.99 * w) < FP32_RTOL  # fmt: skip
 
 
+def test_a_step_tensor_of_the_wrong_length_is_refused(kp):
+    # One step per batch entry (2 here) or one for all; 3 values is neither: refused before
+    # anything launches, naming `step`, the inputs as they were.
+    w, g, m = (_heads("rows", 2, 3, 8, 29, seed=s) for s in range(3))
+    t = _spd_root(w @ w.mT)
+    before = [x.clone() for x in (w, t, g, m)]
+    with pytest.raises(ValueError, match="step: expected 1 or 2 values"):
+        kp.apply_update(w, t, g, m, 0.9, False, 0.99, torch.tensor([0.1, 0.2, 0.3]))
+    assert all(torch.equal(x, y) for x, y in zip((w, t, g, m), before))
+
+
 def test_streaming_phases_read_bf16_weights(kp):
     # bf16 inputs are read and accumulated in fp32: the same values as upcasting first.
     w, g, m = (_heads("cols", 2, 2, 16, 40, torch.bfloat16, seed=s) for s in range(3))

@@ -44,7 +44,7 @@ from cm_triton.reference.adamw import adamw_update
 from cm_triton.reference.muon import muon_update
 from cm_triton.reference.primitives import compute_dtype
 from cm_triton.reference.rule import Primitives, pair_step
-from cm_triton.tables import LayerRows, layer_rows
+from cm_triton.tables import LayerRows, OffsetTable, layer_rows
 
 __all__ = [
     "Plan",
@@ -84,7 +84,13 @@ class Batch:
     columns: list[bool] = field(default_factory=list)  # per position: heads are its columns
     momentum: list[Tensor] | None = None  # plain tensors: the momentum stacks (state views)
     skips: Tensor | None = None  # (L,) int64 on the device: skipped steps, state views
+    # The kernels' layer offsets of each operand read in place: (position, "w" | "g") -> table
+    tables: dict[tuple[int, str], OffsetTable] = field(default_factory=dict)
     _opts: tuple = ()  # (lr, wd, options) of the last step
+
+    def table(self, position: int, operand: str) -> OffsetTable:
+        """The plan's offsets table of one operand (made on first use, then kept)."""
+        return self.tables.setdefault((position, operand), OffsetTable())
 
     @property
     def group(self) -> dict:
@@ -367,12 +373,13 @@ def _momentum_stacks(b: Batch, state: dict) -> list[Tensor]:
     return out
 
 
-def _gather(ts: list[Tensor], columns: bool, in_place: bool) -> Tensor:
+def _gather(ts: list[Tensor], columns: bool, table: OffsetTable | None) -> Tensor:
     """``(L, R, C)`` of L tensors: read where they live (``tables.LayerRows``, the kernels'
-    pointer table) when ``in_place`` and they allow it, else one ``_stack``."""
-    if in_place:
+    pointer table, its offsets in ``table``) when a table is given and they allow it, else one
+    ``_stack``."""
+    if table is not None:
         cdtype = compute_dtype(ts[0].dtype)
-        rows = layer_rows(ts, cdtype)
+        rows = layer_rows(ts, cdtype, table)
         if rows is not None:
             return rows
     return _stack(ts, columns)
@@ -387,10 +394,14 @@ def _reads_in_place(b: Batch, comm) -> bool:
 
 def _compute(b: Batch, state: dict, comm) -> _Computed:
     in_place = _reads_in_place(b, comm)
-    grads = [_gather([local(p.grad) for p in ps], c, in_place)
-             for ps, c in zip(b.params, b.columns)]  # fmt: skip
-    weights = [_gather([local(p) for p in ps], c, in_place)
-               for ps, c in zip(b.params, b.columns)]  # fmt: skip
+
+    def table(i: int, operand: str) -> OffsetTable | None:
+        return b.table(i, operand) if in_place else None
+
+    grads = [_gather([local(p.grad) for p in ps], c, table(i, "g"))
+             for i, (ps, c) in enumerate(zip(b.params, b.columns))]  # fmt: skip
+    weights = [_gather([local(p) for p in ps], c, table(i, "w"))
+               for i, (ps, c) in enumerate(zip(b.params, b.columns))]  # fmt: skip
     moms = _momentum_stacks(b, state)
     opts = b.options()
     if b.kind == "attention":
@@ -526,8 +537,8 @@ def _adamw(group: dict, ps: list[Tensor], state: dict, keep: Tensor | None) -> N
     names = ("exp_avg", "exp_avg_sq", "step")
     params = [local(p) for p in ps]
     tensors = [[local(state[p][n]) for p in ps] for n in names]
-    if keep is not None:
-        old = [torch._foreach_clone(x) for x in (params, *tensors)]
+    if keep is not None:  # copies to restore from (x * 1 is exact: torch 2.11 has no
+        old = [torch._foreach_mul(x, 1.0) for x in (params, *tensors)]  # _foreach_clone)
     adamw_update(params, [local(p.grad) for p in ps], *tensors, lr=group["lr"],
                  betas=group["betas"], eps=group["eps"],
                  weight_decay=group["weight_decay"])  # fmt: skip

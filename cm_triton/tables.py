@@ -2,8 +2,9 @@
 
 A ``LayerRows`` stands for the ``(L, *shape)`` stack of L equal-strided tensors (a batch's
 weights or gradients) without forming it. The kernels read entry ``l`` at ``first + offsets[l]``
-(``offsets``: element distances from layer 0, a small int64 table on the device, as a grouped
-GEMM's pointer table), so nothing is stacked. Everything else sees an ordinary tensor:
+(``offsets``: element distances from layer 0, a small int64 table on the device owned by the
+plan, ``OffsetTable``, as a grouped GEMM's pointer table), so nothing is stacked. Everything
+else sees an ordinary tensor:
 
 - view ops that keep the layer axis (``unsqueeze``, ``transpose``, ``permute``, ``view``,
   ``slice``, ``select`` of a later axis) give a ``LayerRows`` again, taken on layer 0 (the
@@ -24,27 +25,71 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-__all__ = ["LayerRows", "layer_rows", "offsets_table", "FORMED"]
+__all__ = ["LayerRows", "layer_rows", "OffsetTable", "stride_offsets", "device_constant", "FORMED"]
 
 aten = torch.ops.aten
 
-_OFFSETS: dict[tuple, Tensor] = {}  # (device, offsets) -> the device table, reused
+# Device tables are never built from host data inside a step: on CUDA that is a host-to-device
+# copy from pageable memory (the stream waits for it) and a CUDA graph refuses it while
+# capturing. So a table is either made once and kept for the life of the process (constants,
+# stride offsets: bounded by the distinct schedules and shapes a process uses, never freed, so
+# a plan or a captured graph can always point to it), or written on the device with its values
+# as kernel arguments (``OffsetTable``: a plan's per-operand layer offsets).
+_CONSTANTS: dict[tuple, Tensor] = {}
+_STRIDES: dict[tuple, Tensor] = {}
 # Bytes (inputs and outputs) of the stacks formed for ops the kernels did not take, by op: a
 # dispatch mode does not see them (they run inside this subclass's dispatch), so counters of
 # a step's copies (tests/step_costs.py) add these.
 FORMED: Counter = Counter()
 
 
-def offsets_table(device: torch.device, offsets: tuple[int, ...]) -> Tensor:
-    """``(L,)`` int64 on ``device`` holding ``offsets`` (element distances from entry 0), built
-    once per distinct table and reused: a step's layers usually sit as the last step's did."""
-    key = (device, offsets)
-    table = _OFFSETS.get(key)
+def device_constant(values: Sequence, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``values`` (numbers, or tuples of them, flattened) as a 1-D ``dtype`` tensor on
+    ``device``: built once per distinct table and device (the first call copies it from the
+    host), then the same tensor for the life of the process (a kernel's coefficient schedule
+    or pair list)."""
+    flat = tuple(v for x in values for v in (x if isinstance(x, (tuple, list)) else (x,)))
+    key = (torch.device(device), dtype, flat)
+    table = _CONSTANTS.get(key)
     if table is None:
-        if len(_OFFSETS) > 256:
-            _OFFSETS.clear()
-        table = _OFFSETS[key] = torch.tensor(offsets, dtype=torch.int64, device=device)
+        table = _CONSTANTS[key] = torch.tensor(flat, dtype=dtype, device=device)
     return table
+
+
+def stride_offsets(device: torch.device, count: int, stride: int) -> Tensor:
+    """``(count,)`` int64 ``[0, stride, 2 stride, ...]`` on ``device`` (a stacked operand's batch
+    entries): made on the device (``arange``, no host data), once per distinct table, kept."""
+    key = (torch.device(device), count, stride)
+    table = _STRIDES.get(key)
+    if table is None:
+        table = _STRIDES[key] = torch.arange(count, dtype=torch.int64, device=device) * stride
+    return table
+
+
+class OffsetTable:
+    """One operand's layer offsets on the device, owned by a plan (``engine.Batch``): the
+    same tensor every step, rewritten only when the layers moved (gradients set to None and
+    made anew may land elsewhere), and then on the device with the offsets as the arguments
+    of one ``_foreach_add_`` (scalars travel in the kernel's arguments: no host-to-device copy,
+    no sync, legal while a CUDA graph captures). Its address never changes while the plan
+    lives, so a captured graph that reads it stays valid as long as the layers stay put (as
+    ``capturable=True`` asks)."""
+
+    def __init__(self) -> None:
+        self.values: tuple[int, ...] | None = None
+        self.table: Tensor | None = None
+        self.writes = 0  # how often the layers moved (and the table was rewritten)
+
+    def __call__(self, device: torch.device, offsets: tuple[int, ...]) -> Tensor:
+        t = self.table
+        if t is None or t.device != device or t.numel() != len(offsets):
+            t = self.table = torch.zeros(len(offsets), dtype=torch.int64, device=device)
+            self.values = (0,) * len(offsets)
+        if offsets != self.values:
+            torch._foreach_add_(list(t.zero_().unbind(0)), list(offsets))
+            self.values = offsets
+            self.writes += 1
+        return t
 
 
 def _dim(d: int, n: int) -> int:
@@ -162,9 +207,12 @@ class LayerRows(torch.Tensor):
         return _apply(func, args[0], tuple(args[1:]))
 
 
-def layer_rows(layers: Sequence[Tensor], dtype: torch.dtype) -> LayerRows | None:
-    """``layers`` (L equal-shaped tensors) as a ``LayerRows`` reported in ``dtype``, or None
-    where they cannot be read through one table (different strides, dtypes or devices)."""
+def layer_rows(
+    layers: Sequence[Tensor], dtype: torch.dtype, table: OffsetTable
+) -> LayerRows | None:
+    """``layers`` (L equal-shaped tensors) as a ``LayerRows`` reported in ``dtype``, its offsets
+    in ``table``, or None where they cannot be read through one table (different strides,
+    dtypes or devices)."""
     first = layers[0]
     if any(t.stride() != first.stride() or t.dtype != first.dtype or t.device != first.device
            or t.shape != first.shape for t in layers):  # fmt: skip
@@ -174,5 +222,5 @@ def layer_rows(layers: Sequence[Tensor], dtype: torch.dtype) -> LayerRows | None
     if any(d % size for d in deltas):
         return None
     aligned = all(d % 16 == 0 for d in deltas)
-    offsets = offsets_table(first.device, tuple(d // size for d in deltas))
+    offsets = table(first.device, tuple(d // size for d in deltas))
     return LayerRows(layers, lambda stack: stack, first, offsets, aligned, dtype)

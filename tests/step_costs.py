@@ -30,6 +30,10 @@ from cm_triton.tables import FORMED
 COPIES = ("stack", "cat", "clone", "copy_", "_foreach_copy_", "_to_copy", "index_select",
           "contiguous")  # fmt: skip
 HOST_READS = ("_local_scalar_dense", "nonzero", "equal", "is_nonzero")
+# Tensors built from host data (``torch.tensor``, ``torch.as_tensor`` of a list): on CUDA each
+# is a host-to-device copy from pageable memory (the stream waits for it), refused while a
+# stream is capturing a CUDA graph.
+HOST_BUILT = ("lift_fresh", "lift_fresh_copy")
 # Ops that launch nothing on CUDA besides views: allocations and metadata.
 NO_WORK = ("empty", "empty_like", "empty_strided", "lift_fresh", "_local_scalar_dense",
            "set_", "resize_")  # fmt: skip
@@ -44,6 +48,16 @@ def _in_interpreter() -> bool:
     return False
 
 
+def _host_to_device(name: str, args: tuple, out) -> bool:
+    """A copy from a CPU tensor into a tensor on another device (``.to(device)``,
+    ``copy_``): a host-to-device transfer."""
+    if name not in ("_to_copy", "copy_") or not args or not isinstance(args[0], torch.Tensor):
+        return False
+    src = args[1] if name == "copy_" else args[0]
+    dst = args[0] if name == "copy_" else out
+    return src.device.type == "cpu" and dst.device.type != "cpu"
+
+
 class StepCounter(TorchDispatchMode):
     """Copy bytes by op, host reads by op, and the op and device-work op counts of what
     runs inside it."""
@@ -52,6 +66,7 @@ class StepCounter(TorchDispatchMode):
         super().__init__()
         self.copies: Counter = Counter()
         self.reads: Counter = Counter()
+        self.built: Counter = Counter()  # host-built tensors and host-to-device copies, by op
         self.ops = 0
         self.device_ops = 0  # not views, not allocations (NO_WORK)
 
@@ -65,6 +80,8 @@ class StepCounter(TorchDispatchMode):
             self.device_ops += 1
         if name in HOST_READS:
             self.reads[name] += 1
+        if (name in HOST_BUILT or _host_to_device(name, args, out)) and not _in_interpreter():
+            self.built[name] += 1
         if name in COPIES:
             leaves = tree_flatten((args, kwargs, out))[0]
             tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
@@ -127,9 +144,11 @@ class Costs:
     copies: float  # copy bytes / parameter bytes
     by_op: dict[str, float]
     reads: int
+    built: dict[str, int]  # tensors built from host data / host-to-device copies, by op
     ops: int
     launches: int  # device-work ops plus Triton launches (a CUDA step's launches, at least)
     triton: dict[str, int]  # the Triton launches by kernel (helpers.KERNELS' names)
+    optimizer: object = None  # the optimizer that stepped
 
 
 def _launches():
@@ -137,14 +156,20 @@ def _launches():
     return kernel_launches() if triton_available() else contextlib.nullcontext(Counter())
 
 
-def step_costs(model: nn.Module, make_optimizer, steps_before: int = 1) -> Costs:
+def step_costs(model: nn.Module, make_optimizer, steps_before: int = 1,
+               moving_grads: bool = True) -> Costs:  # fmt: skip
     """The costs of a steady-state step (after ``steps_before`` steps made the state) of
-    ``make_optimizer(model)``, with random gradients."""
+    ``make_optimizer(model)``, with random gradients: new tensors every step
+    (``moving_grads``, as ``zero_grad(set_to_none=True)`` makes them), else written into the
+    same tensors (as ``zero_grad(set_to_none=False)`` and ``capturable=True`` keep them)."""
     gen = torch.Generator().manual_seed(0)
     opt = make_optimizer(model)
     for _ in range(steps_before + 1):
         for p in model.parameters():
-            p.grad = torch.randn(p.shape, generator=gen)
+            if moving_grads or p.grad is None:
+                p.grad = torch.randn(p.shape, generator=gen)
+            else:
+                p.grad.copy_(torch.randn(p.shape, generator=gen))
         if _ < steps_before:
             opt.step()
     counter = StepCounter()
@@ -156,5 +181,6 @@ def step_costs(model: nn.Module, make_optimizer, steps_before: int = 1) -> Costs
     pbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     by_op = {k: v / pbytes for k, v in counter.copies.items()}
     triton = dict(launched)
-    return Costs(sum(by_op.values()), by_op, sum(counter.reads.values()), counter.ops,
-                 counter.device_ops + sum(triton.values()), triton)  # fmt: skip
+    return Costs(sum(by_op.values()), by_op, sum(counter.reads.values()), dict(counter.built),
+                 counter.ops,
+                 counter.device_ops + sum(triton.values()), triton, opt)  # fmt: skip

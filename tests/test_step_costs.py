@@ -15,6 +15,7 @@ import torch
 from step_costs import Llama, step_costs
 
 from cm_triton import CompositionalMuon, engine, param_groups
+from cm_triton.dispatch import triton_available
 from cm_triton.options import CMOptions
 
 
@@ -64,6 +65,29 @@ def test_host_reads_per_step(nonfinite, reads):
     assert step_costs(Llama(), _cm(nonfinite=nonfinite)).reads == reads
 
 
+STEADY = [
+    {},
+    {"nonfinite": "skip"},
+    {"nonfinite": "skip", "capturable": True},
+    {"backend": "triton"},
+    {"backend": "triton", "nonfinite": "skip", "capturable": True},
+]
+
+
+@pytest.mark.parametrize("kw", STEADY, ids=[str(k) for k in STEADY])
+def test_a_steady_step_builds_no_tensor_from_host_data(kw):
+    # On CUDA a tensor built from host data (torch.tensor of a list) is a host-to-device copy
+    # the stream waits for, and a CUDA graph refuses it while capturing. The kernels' tables
+    # (coefficients, pair lists, stride offsets) are made once; the layer offsets are the
+    # plan's, rewritten on the device: here every step's gradients are new tensors (as
+    # zero_grad(set_to_none=True) makes them), so they move and the grads' tables are
+    # rewritten each step, still without host data. Before: 25 per step on this model.
+    if kw.get("backend") == "triton" and not triton_available():
+        pytest.skip("triton is not installed")
+    costs = step_costs(Llama(n=2, d=64, hq=4, hkv=2), _cm(**kw))
+    assert costs.built == {}, costs.built
+
+
 def test_ops_per_step_do_not_grow_with_depth():
     # (With nonfinite="skip", AdamW masks each of its parameters on its own: its ops grow
     # with the number of AdamW parameters, the norms of every layer.)
@@ -76,9 +100,16 @@ def test_ops_per_step_do_not_grow_with_depth():
 def test_kernel_launches_per_step_do_not_grow_with_depth():
     # backend="triton": each batch's passes are one launch over all of its layers (the
     # kernels read layer l at first + offsets[l]), so a deeper model launches the same.
-    one, two = (step_costs(Llama(n=n, d=64, hq=4, hkv=2), _cm(backend="triton")) for n in (1, 2))
+    # Gradients kept in place (one layer's offsets cannot move, two layers' can).
+    one, two = (step_costs(Llama(n=n, d=64, hq=4, hkv=2), _cm(backend="triton"),
+                           moving_grads=False) for n in (1, 2))  # fmt: skip
     assert one.triton == two.triton and one.launches == two.launches, (one, two)
     assert one.triton["gram"] >= 1 and one.triton["map"] >= 1, one.triton
+    # Gradients made anew each step move: each gradient operand read in place rewrites its
+    # offsets table on the device, two launches (zero_, _foreach_add_) whatever the depth.
+    moved = step_costs(Llama(n=2, d=64, hq=4, hkv=2), _cm(backend="triton"))
+    tables = sum(op == "g" for b in moved.optimizer._plan.batches for _, op in b.tables)
+    assert tables > 0 and moved.launches == two.launches + 2 * tables, (moved, two, tables)
 
 
 def test_a_step_does_not_plan(monkeypatch):

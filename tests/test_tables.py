@@ -12,7 +12,7 @@ import torch
 from step_costs import Llama
 
 from cm_triton import CompositionalMuon, param_groups
-from cm_triton.tables import FORMED, LayerRows, layer_rows
+from cm_triton.tables import FORMED, LayerRows, OffsetTable, layer_rows
 
 
 def _layers(n=3, shape=(12, 8)):
@@ -25,7 +25,7 @@ def _heads(x: torch.Tensor) -> torch.Tensor:  # (L, 12, 8) -> (L, 1, 3, 8, 4): a
 
 def test_views_keep_reading_the_layers_in_place():
     layers = _layers()
-    rows = layer_rows(layers, torch.float32)
+    rows = layer_rows(layers, torch.float32, OffsetTable())
     before = FORMED["stack"]
     v = _heads(rows)
     assert isinstance(v, LayerRows) and FORMED["stack"] == before  # nothing formed
@@ -40,7 +40,7 @@ def test_views_keep_reading_the_layers_in_place():
 
 def test_any_other_op_sees_the_stack_formed_once():
     layers = _layers()
-    rows = layer_rows(layers, torch.float32)
+    rows = layer_rows(layers, torch.float32, OffsetTable())
     stack = torch.stack(layers)
     before = FORMED["stack"]
     a = _heads(rows) * 2
@@ -53,16 +53,16 @@ def test_any_other_op_sees_the_stack_formed_once():
 
 def test_a_narrower_dtype_is_formed_in_the_reported_one():
     layers = [x.to(torch.bfloat16) for x in _layers()]
-    rows = layer_rows(layers, torch.float32)
+    rows = layer_rows(layers, torch.float32, OffsetTable())
     assert rows.dtype == torch.float32 and rows.first.dtype == torch.bfloat16
     assert torch.equal(rows + 0, torch.stack(layers).float())
 
 
 def test_layers_of_other_strides_are_not_tabled():
     a, b = _layers(2, (8, 8))
-    assert layer_rows([a, b.mT], torch.float32) is None
-    assert layer_rows([a, b.double()], torch.float32) is None
-    assert layer_rows([a, b], torch.float32) is not None
+    assert layer_rows([a, b.mT], torch.float32, OffsetTable()) is None
+    assert layer_rows([a, b.double()], torch.float32, OffsetTable()) is None
+    assert layer_rows([a, b], torch.float32, OffsetTable()) is not None
 
 
 def test_the_kernels_read_layer_rows_as_they_read_the_stack():
@@ -76,7 +76,10 @@ def test_the_kernels_read_layer_rows_as_they_read_the_stack():
     def heads(x):
         return x.unflatten(1, (2, 16))
 
-    rows_w, rows_g = heads(layer_rows(ws, torch.float32)), heads(layer_rows(gs, torch.float32))
+    rows_w, rows_g = (
+        heads(layer_rows(ws, torch.float32, OffsetTable())),
+        heads(layer_rows(gs, torch.float32, OffsetTable())),
+    )
     stack_w, stack_g = heads(torch.stack(ws)), heads(torch.stack(gs))
     m_a, grams_a = streaming.stream_grams(rows_w, rows_g, m, 0.9, True, ("ww", "dd", "wd"))
     m_b, grams_b = streaming.stream_grams(stack_w, stack_g, m, 0.9, True, ("ww", "dd", "wd"))
@@ -113,3 +116,17 @@ def test_a_step_on_the_kernels_equals_the_reference(dtype):
     rtol = 1e-4 if dtype == torch.float32 else 3 * 2**-7
     for a, b in zip(ref, tri):
         assert ((a - b).abs().max() / a.abs().max()).item() <= rtol
+
+
+def test_an_offsets_table_is_rewritten_in_place_only_when_the_layers_move():
+    # The plan's table keeps its address (a captured graph may point to it); the offsets are
+    # written on the device (kernel arguments), only when they changed.
+    a, b, c = (torch.randn(4, 6) for _ in range(3))
+    table = OffsetTable()
+    first = layer_rows([a, b], torch.float32, table).offsets
+    address, writes = first.data_ptr(), table.writes
+    assert first.tolist() == [0, (b.data_ptr() - a.data_ptr()) // 4]
+    assert layer_rows([a, b], torch.float32, table).offsets is first and table.writes == writes
+    moved = layer_rows([a, c], torch.float32, table).offsets
+    assert moved.data_ptr() == address and table.writes == writes + 1
+    assert moved.tolist() == [0, (c.data_ptr() - a.data_ptr()) // 4]

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from cm_triton.kernels.common import DOT_PRECISION, MAX_HEAD_DIM, TUNING, _block, unsupported
 from cm_triton.schedules import INV_SQRT_QUINTIC
+from cm_triton.tables import device_constant
 
 
 @triton.jit
@@ -193,8 +194,7 @@ def _run_maps(mode: int, s_or_r: Tensor, t: Tensor | None, root: Tensor | None,
     tt = torch.empty(n, block, block, dtype=torch.float32, device=s_or_r.device)
     rr = torch.empty_like(tt)
     scratch = torch.empty(n, 5, block, block, dtype=torch.float32, device=s_or_r.device)
-    coef = torch.tensor(coefficients if coefficients else [(1.0, 0.0, 0.0)], dtype=torch.float32,
-                        device=s_or_r.device).reshape(-1)  # fmt: skip
+    coef = device_constant(coefficients or [(1.0, 0.0, 0.0)], torch.float32, s_or_r.device)
     warps, block_m, block_k = TUNING["maps"][block]
     _maps_kernel[(n,)](
         src, rootp, tin, tt, rr, scratch, coef, 0, len(coefficients), r, n // roots,
@@ -264,7 +264,7 @@ def inv_sqrt(a: Tensor, method: str = "newton", floor: float = 0.0) -> Tensor:
     ap = _square(a, n, block)
     z = torch.empty(n, block, block, dtype=torch.float32, device=a.device)
     scratch = torch.empty(n, 4, block, block, dtype=torch.float32, device=a.device)
-    coef = torch.tensor(INV_SQRT_QUINTIC, dtype=torch.float32, device=a.device).reshape(-1)
+    coef = device_constant(INV_SQRT_QUINTIC, torch.float32, a.device)
     warps, block_m, block_k = TUNING["maps"][block]
     _inv_sqrt_kernel[(n,)](
         ap, z, scratch, coef, len(INV_SQRT_QUINTIC), r,

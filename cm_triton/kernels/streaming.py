@@ -31,7 +31,7 @@ from torch import Tensor
 
 from cm_triton.kernels.common import DOT_PRECISION, TUNING, _chunk, streams_take, unsupported
 from cm_triton.reference.phases import group_size
-from cm_triton.tables import LayerRows, offsets_table
+from cm_triton.tables import LayerRows, device_constant, stride_offsets
 
 __all__ = ["stream", "stream_grams", "cross_grams", "restart_gram", "apply_update"]
 
@@ -151,7 +151,7 @@ def _operand(x: Tensor) -> tuple[Tensor, Tensor, bool, int, int, int]:
     through its batch stride."""
     if isinstance(x, LayerRows):
         return (x.first, x.offsets, x.aligned, *x.first.stride())
-    offsets = offsets_table(x.device, tuple(b * x.stride(0) for b in range(x.shape[0])))
+    offsets = stride_offsets(x.device, x.shape[0], x.stride(0))
     return (x, offsets, x.stride(0) * x.element_size() % 16 == 0, *x.stride()[1:])
 
 
@@ -169,7 +169,7 @@ def _grams(x0: Tensor, x1: Tensor, x2: Tensor | None, coef: tuple[float, ...],
     c = triton.cdiv(n, chunk)
     rp = kb * block_r
     grams = torch.empty(len(pairs), b * h, c, rp, rp, dtype=torch.float32, device=x0.device)
-    table = torch.tensor(pairs, dtype=torch.int32, device=x0.device).reshape(-1)
+    table = device_constant(pairs, torch.int32, x0.device)
     ops = [_operand(x) for x in (x0, x1, x1 if x2 is None else x2, x1 if m_out is None else m_out)]
     _gram_kernel[(b * h * c, len(pairs) * kb * kb)](
         *(o[0] for o in ops), *(o[1] for o in ops), grams, table, *(float(v) for v in coef), h,

@@ -49,16 +49,22 @@ def selftest(arch: int) -> int:
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
 
+    @triton.jit
+    def _narrow(x_ptr, out_ptr, stride, BLOCK: tl.constexpr):  # a row offset in int32
+        row = x_ptr + tl.program_id(0) * stride
+        tl.store(out_ptr + tl.arange(0, BLOCK), tl.load(row + tl.arange(0, BLOCK)))
+
     x = torch.zeros(128 * 128)
     with aot_compile(target=("cuda", arch), timeout_s=120) as recs:
         _hungry[(1,)](x, x, R=128, C=128, num_warps=1)
         _trivial[(4,)](x, x, 1024, BLOCK=256)
+        _narrow[(4,)](x, x, 1024, BLOCK=256)
     flagged = [bool(problems(r)) for r in recs]
     print(
         f"selftest sm_{arch}: hungry flagged={flagged[0]} ({problems(recs[0])}), "
-        f"trivial flagged={flagged[1]}"
+        f"trivial flagged={flagged[1]}, narrow flagged={flagged[2]} ({problems(recs[2])})"
     )
-    return 0 if flagged == [True, False] else 1
+    return 0 if flagged == [True, False, True] else 1
 
 
 def _heads(layout: str, dh: int, b: int = 2, h: int = 8, n: int = 1024) -> torch.Tensor:
@@ -104,6 +110,8 @@ def problems(rec: dict) -> list[str]:
         return [f"compile {rec['status']}"]
     if rec.get("spills") or rec.get("stack_bytes", 0) > 0:
         out.append(f"spills ({rec.get('stack_bytes')} B stack)")
+    if rec.get("narrow_offsets"):  # a program-derived pointer offset in int32: wraps at 2^31
+        out.append(f"{len(rec['narrow_offsets'])} int32 program offsets")
     limit = limits_for(rec["arch"]).max_smem_per_block
     if rec.get("smem_bytes", 0) > limit:
         out.append(f"shared memory {rec['smem_bytes']} B > {limit} B")

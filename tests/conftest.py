@@ -12,13 +12,28 @@ try:  # the interpreter checks every int32 add and mul of index arithmetic for o
     from triton.runtime import interpreter as _interpreter
 except ImportError:  # no triton: the kernel tests skip themselves
     _interpreter = None
-if _interpreter is not None and os.environ["TRITON_INTERPRET"] == "1":
-    # Off for the tests: their tensors are a few thousand elements, so no int32 index can come
-    # near 2^31 and the check can never fire, yet it is 40% of the interpreter's time on the
-    # kernel flag product. Compiled kernels check overflow only under debug, as now here; the
-    # kernels' large-size offsets are int64 (tables.py), which the check skips anyway.
-    _builder = _interpreter.interpreter_builder
-    _builder.options = dataclasses.replace(_builder.options, sanitize_overflow=False)
+
+
+@pytest.fixture
+def no_overflow_check():
+    """The interpreter's int32 overflow check off for one test: the kernels' flag products,
+    where it is 40% of the interpreter's time and cannot fire. What it guards is covered
+    elsewhere: every offset made from a program id (a batch entry's, a head's, a scratch
+    block's) is int64, which the compile gate reads in each kernel's TTIR
+    (``triton_aot.narrow_program_offsets``); what stays int32 is one tile's offsets inside one
+    head, bounded at launch (``kernels.common.tile_extent``); the other kernel tests run with
+    the check on, on the same kernels."""
+    if _interpreter is None or os.environ["TRITON_INTERPRET"] != "1":
+        yield
+        return
+    builder = _interpreter.interpreter_builder
+    saved = builder.options
+    builder.options = dataclasses.replace(saved, sanitize_overflow=False)
+    try:
+        yield
+    finally:
+        builder.options = saved
+
 
 # Under pytest-xdist (the README's ``-n auto``) each worker takes its share of the cores, so
 # that torch's threads do not oversubscribe them.

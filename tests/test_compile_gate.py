@@ -33,6 +33,7 @@ def test_the_gate_flags_a_spilling_kernel():
     out = _run("--selftest", "--targets", "90")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "hungry flagged=True" in out.stdout and "trivial flagged=False" in out.stdout
+    assert "narrow flagged=True (['1 int32 program offsets'])" in out.stdout, out.stdout
 
 
 def test_every_kernel_configuration_for_head_dims_64_and_128_passes_the_gate(tmp_path):

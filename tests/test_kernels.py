@@ -175,12 +175,14 @@ OV_FLAGS = list(flag_product(ov=True))
 # Every combination runs its kernels under the interpreter (~1 s a step on CI's 2 cores), so
 # each flag product runs on one shape: QK's 320 on MHA, OV's 640 on GQA (the shapes the
 # reference-side suites run both of); every combination still asserts its launches.
+@pytest.mark.usefixtures("no_overflow_check")
 @pytest.mark.parametrize("shape", SHAPES[:1], ids=["mha"])
 @pytest.mark.parametrize("flags", QK_FLAGS, ids=[flag_id(f) for f in QK_FLAGS])
 def test_cm_qk_triton_matches_reference_every_flag(shape, flags):
     _compare_step(cm_qk, qk_tensors, shape, flags)
 
 
+@pytest.mark.usefixtures("no_overflow_check")
 @pytest.mark.parametrize("shape", SHAPES[1:], ids=["gqa"])
 @pytest.mark.parametrize("flags", OV_FLAGS, ids=[flag_id(f) for f in OV_FLAGS])
 def test_cm_ov_triton_matches_reference_every_flag(shape, flags):
@@ -195,6 +197,7 @@ JOINT_WIDE = [dict(method="joint", whitening=w, connection=c, momentum_reproject
               for r in (False, True) for n in (False, True)]  # fmt: skip
 
 
+@pytest.mark.usefixtures("no_overflow_check")
 @pytest.mark.parametrize("flags", JOINT_WIDE, ids=[flag_id(f) for f in JOINT_WIDE])
 def test_joint_gram_route_matches_reference(flags):
     shape = (2, 1, 8, 70)  # G = 2: 24-row groups over 70 columns
@@ -234,3 +237,27 @@ def test_the_cost_model_picks_kernels_for_many_heads_and_torch_for_few_big_ones(
     assert not prefer_kernel("maps", 1, 16, 128, 0, h100)  # 16 programs on 132 SMs
     kernel, torch_ = estimate("stream", 32, 32, 128, 4096, h100)
     assert kernel.launches == 1 and torch_.launches == 4 and kernel.bytes < torch_.bytes
+
+
+def test_int32_offsets_stay_inside_one_head_at_a_70b_shape():
+    # Llama-70B: 80 layers, width 8192, 64 query / 8 KV heads of 128, an MLP of 28672 (each
+    # Muon matrix a leg of 8192 rows, its short side, read transposed). Meta tensors: shapes
+    # and strides only, nothing allocated. What grows with the launch passes 2^31 (a batch
+    # entry's offset, a scratch block's) and is int64 in every kernel (the compile gate reads
+    # the TTIR: triton_aot.narrow_program_offsets); what the kernels keep in int32 is one
+    # tile's offset inside one head, which must fit for these shapes.
+    from cm_triton.kernels.common import INT32_MAX, streams_take, tile_extent
+
+    layers, d, hq, dh, f = 80, 8192, 64, 128, 28672
+    q = torch.empty(layers, hq * dh, d, device="meta").unflatten(1, (hq, dh))
+    o = torch.empty(layers, d, hq * dh, device="meta").unflatten(2, (hq, dh)).permute(0, 2, 3, 1)
+    mlp = torch.empty(layers, f, d, device="meta").mT.unsqueeze(1)  # (80, 1, 8192, 28672)
+    joint = torch.empty(layers, 8, 9 * dh, d, device="meta")  # a KV group's 8 + 1 heads
+    for x in (q, o, mlp, joint):
+        assert streams_take(x, x, x) and tile_extent(x) <= INT32_MAX, tuple(x.shape)
+    assert layers * f * d > INT32_MAX  # the MLP layers' offsets from layer 0: int64 tables
+    rp = 8192  # the MLP legs' Gram scratch: one (rp, rp) block per layer
+    assert layers * rp * rp > INT32_MAX
+    # A head whose own extent passes 2^31 is sent to the reference (streams_take False).
+    wide = torch.empty(1, 1, 2, 2**30 + 1, device="meta")
+    assert not streams_take(wide, wide, wide)

@@ -18,6 +18,10 @@ from cm_triton import CompositionalMuon, engine, param_groups
 from cm_triton.dispatch import triton_available
 from cm_triton.options import CMOptions
 
+# These count a step's costs (the kernel path through the interpreter): the interpreter's
+# int32 overflow check off, as for the kernels' flag products (conftest.no_overflow_check).
+pytestmark = pytest.mark.usefixtures("no_overflow_check")
+
 
 def _cm(**kw):
     return lambda model: CompositionalMuon(param_groups(model), lr=0.02, **kw)

@@ -66,3 +66,41 @@ def test_occupancy_follows_the_calculator(aot):
     assert (occ.blocks_per_sm, occ.limiter) == (2, "smem")
     over = aot.occupancy(64, 300 * 1024, 4, h100)  # past the 227 KB opt-in maximum
     assert over.blocks_per_sm == 0 and "smem" in over.limiter
+
+
+# TTIR as Triton 3.6 prints it (excerpts of _gram_kernel before and after the int64 change).
+NARROW_TTIR = """
+    %pid = tt.get_program_id x : i32 loc(#loc1)
+    %bh = arith.divsi %pid, %C : i32 loc(#loc2)
+    %h = arith.remsi %bh, %H : i32 loc(#loc3)
+    %v1 = arith.muli %h, %s1h : i32 loc(#loc4)
+    %v1_36 = tt.addptr %x1_6, %v1 : !tt.ptr<f32>, i32 loc(#loc5)
+    %c64_i32 = arith.constant 64 : i32 loc(#loc6)
+    %sc = tt.addptr %scratch, %c64_i32 : !tt.ptr<f32>, i32 loc(#loc7)
+    %k = arith.muli %arg3, %c64_i32 : i32 loc(#loc8)
+    %coef = tt.addptr %coef_ptr, %k : !tt.ptr<f32>, i32 loc(#loc9)
+    %rows = tt.splat %pid : i32 -> tensor<64xi32> loc(#loc10)
+    %tile = tt.addptr %ptrs, %rows : tensor<64x!tt.ptr<f32>>, tensor<64xi32> loc(#loc11)
+    scf.for %n0 = %start to %stop step %c32_i32  : i32 {
+      %o = arith.muli %n0, %sn : i32 loc(#loc12)
+      %p = tt.addptr %x0, %o : !tt.ptr<f32>, i32 loc(#loc13)
+    } loc(#loc14)
+    %start = arith.muli %pid, %CHUNK : i32 loc(#loc15)
+"""
+WIDE_TTIR = """
+    %pid = tt.get_program_id x : i32 loc(#loc1)
+    %bh = arith.divsi %pid, %C : i32 loc(#loc2)
+    %bh_1 = arith.extsi %bh : i32 to i64 loc(#loc3)
+    %h = arith.remsi %bh_1, %H : i64 loc(#loc4)
+    %v1 = arith.muli %h, %s1h_2 : i64 loc(#loc5)
+    %v1_36 = tt.addptr %x1_6, %v1 : !tt.ptr<f32>, i64 loc(#loc6)
+"""
+
+
+def test_narrow_program_offsets_finds_int32_offsets_made_from_program_ids(aot):
+    # Flagged: a head's offset h * stride in int32 (h from the program id), and a loop's
+    # scalar offset whose start is program-derived; not flagged: a constant offset, an offset
+    # made from arguments and loop counters only (a coefficient index), a tile (tensor).
+    got = aot.narrow_program_offsets(NARROW_TTIR)
+    assert [line.split(" = ")[0] for line in got] == ["%v1_36", "%p"], got
+    assert aot.narrow_program_offsets(WIDE_TTIR) == []

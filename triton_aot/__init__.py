@@ -75,6 +75,7 @@ __all__ = [
     "cubin_resource_usage",
     "parse_ptxas_log",
     "dot_kinds",
+    "narrow_program_offsets",
     "CompileOutcome",
     "compile_with_timeout",
     "aot_compile",
@@ -354,6 +355,55 @@ def dot_kinds(ttgir: str) -> dict[str, int]:
         else:
             kind = layout
         out[kind] = out.get(kind, 0) + 1
+    return out
+
+
+_DEF_RE = re.compile(r"^\s*(%[\w.$-]+)(?::\d+)?\s*=\s*([\w.]+)(.*)$")
+_FOR_RE = re.compile(r"^\s*(?:%[\w.$-]+(?::\d+)?\s*=\s*)?scf\.for\s+(%[\w.$-]+)\s*=(.*)$")
+_USE_RE = re.compile(r"%[\w.$-]+")
+_PID_OPS = ("tt.get_program_id", "tt.get_num_programs")
+
+
+def narrow_program_offsets(ttir: str) -> list[str]:
+    """The scalar pointer offsets of a TTIR module that are 32-bit and computed from a program
+    id: each line ``tt.addptr %p, %off : !tt.ptr<...>, i32`` whose ``%off`` derives (through
+    any ops, loop bounds included) from ``tt.get_program_id`` / ``tt.get_num_programs``.
+
+    Such an offset (a head's, a batch entry's, a scratch block's: ``pid * stride``) grows with
+    the launch and wraps past 2^31 on large batches; offsets of one tile (tensors) stay bounded
+    by one block's extent. An empty list: every program-derived scalar offset is 64-bit.
+    """
+    defs: dict[str, list[list[str]]] = {}
+    for line in ttir.splitlines():
+        m = _FOR_RE.match(line)
+        if m:  # the induction variable derives from the loop's bounds and step
+            defs.setdefault(m.group(1), []).append(["scf.for", *_USE_RE.findall(m.group(2))])
+        m = _DEF_RE.match(line)
+        if m:
+            body = m.group(3).split(" : ")[0].split(" loc(")[0]
+            uses = [u.split("#")[0] for u in _USE_RE.findall(body)]
+            defs.setdefault(m.group(1), []).append([m.group(2), *uses])
+    memo: dict[str, bool] = {}
+
+    def from_pid(name: str) -> bool:
+        if name not in memo:
+            memo[name] = False  # cycles (loop-carried values) end here
+            memo[name] = any(
+                d[0] in _PID_OPS or any(from_pid(u) for u in d[1:]) for d in defs.get(name, [])
+            )
+        return memo[name]
+
+    out = []
+    for line in ttir.splitlines():
+        if "tt.addptr" not in line:
+            continue
+        types = line.split(" : ", 1)[-1].split(" loc(")[0]
+        ptr_type, _, off_type = types.rpartition(", ")
+        if not ptr_type.startswith("!tt.ptr") or off_type.strip() != "i32":
+            continue
+        operands = _USE_RE.findall(line.split("tt.addptr", 1)[1].split(" : ")[0])
+        if len(operands) == 2 and from_pid(operands[1]):
+            out.append(line.strip())
     return out
 
 
@@ -850,6 +900,7 @@ def _compile_launch(
             smem_static_bytes=usage.shared, res_usage=usage.raw,
         )  # fmt: skip
     rec["dots"] = dot_kinds(str(outcome.asm.get("ttgir", "")))
+    rec["narrow_offsets"] = narrow_program_offsets(str(outcome.asm.get("ttir", "")))
     rec["spill_stores_bytes"] = ptxas.get("spill_stores")
     rec["spill_loads_bytes"] = ptxas.get("spill_loads")
     if rec["regs"] is None and "regs" in ptxas:

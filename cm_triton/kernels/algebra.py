@@ -133,7 +133,7 @@ def _maps_kernel(
     MODE 1 (last_maps): in ``s`` (the restart Gram), ``tin`` (= T_r), ``pre`` (= post); out
     ``t = post Q T_r`` and ``r`` (its final Gram, for ||U||^2).
     """
-    i = tl.program_id(0)
+    i = tl.program_id(0).to(tl.int64)  # i * 5 * mat passes 2^31 at a few thousand heads
     mat = BLOCK_R * BLOCK_R
     s_i, t_i, r_i = s_ptr + i * mat, t_ptr + i * mat, r_ptr + i * mat
     root = pre_ptr + (i // G) * mat  # G heads share a root (grouped: per_head)
@@ -231,7 +231,7 @@ def _inv_sqrt_kernel(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Coupled quintic Newton-Schulz (``reference.primitives._coupled_newton``) per matrix."""
-    i = tl.program_id(0)
+    i = tl.program_id(0).to(tl.int64)
     mat = BLOCK_R * BLOCK_R
     a_i, z = a_ptr + i * mat, z_ptr + i * mat
     sc = scratch_ptr + i * 4 * mat

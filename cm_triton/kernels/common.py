@@ -34,11 +34,28 @@ TUNING = {
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+INT32_MAX = 2**31 - 1
+
+
+def tile_extent(x: Tensor) -> int:
+    """The largest element offset inside one head of a big ``(B, H, R, n)`` operand:
+    ``(R - 1) |stride_R| + (n - 1) |stride_n|``. The kernels index a tile in int32 from its
+    head's start (the head's and the batch entry's offsets, and every offset made from a
+    program id, are int64: the compile gate reads the TTIR for it), so this must fit."""
+    stored = x.first if isinstance(x, LayerRows) else x
+    r, n = stored.shape[-2:]
+    sr, sn = stored.stride()[-2:]
+    return (r - 1) * abs(sr) + (n - 1) * abs(sn)
+
+
 def streams_take(*tensors: Tensor) -> bool:
     """Whether the streaming kernels take these tensors: fp32/bf16/fp16, any row count (rows
-    are tiled), not empty."""
+    are tiled) whose square scratch block and each head's tile offsets fit int32, not empty."""
     stored = [t.first if isinstance(t, LayerRows) else t for t in tensors]
-    return all(t.dtype in KERNEL_DTYPES for t in (*tensors, *stored)) and tensors[0].numel() > 0
+    rows = tensors[0].shape[-2]
+    return (all(t.dtype in KERNEL_DTYPES for t in (*tensors, *stored)) and tensors[0].numel() > 0
+            and all(tile_extent(t) <= INT32_MAX for t in tensors if t.dim() >= 2)
+            and triton.next_power_of_2(rows) ** 2 <= INT32_MAX)  # fmt: skip
 
 
 def unsupported(kernel: str, x: Tensor) -> ValueError:

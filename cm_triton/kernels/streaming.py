@@ -47,8 +47,9 @@ def _row_blocks(r: int, cap: int = 128) -> tuple[int, int]:
 
 @triton.jit
 def _at(ptr, offsets, b, ALIGNED: tl.constexpr):
-    """Batch entry ``b`` of an operand: ``ptr + offsets[b]``. ``ALIGNED``: every offset is a
-    whole number of 16 bytes (checked at launch), so vector loads stay possible."""
+    """Batch entry ``b`` (int64) of an operand: ``ptr + offsets[b]`` (an int64 table).
+    ``ALIGNED``: every offset is a whole number of 16 bytes (checked at launch), so vector
+    loads stay possible."""
     off = tl.load(offsets + b)
     if ALIGNED:
         off = tl.multiple_of(off, 128 // ptr.dtype.element_ty.primitive_bitwidth)
@@ -57,15 +58,29 @@ def _at(ptr, offsets, b, ALIGNED: tl.constexpr):
 
 @triton.jit
 def _load(ptr, h, rows, cols, sh, sr, sn, mask):
+    # h is int64 (the head's offset may pass 2^31 in a big layer); the tile's offsets stay
+    # int32, bounded by one head's extent (checked at launch: streams_take).
     return tl.load(ptr + h * sh + rows[:, None] * sr + cols[None, :] * sn, mask=mask,
                    other=0.0).to(tl.float32)  # fmt: skip
 
 
 @triton.jit
-def _form(f, x0, x1, x2, h, rows, cols, mask, a1, b1, a2, b2,
+def _entry(pid, NQ, C, H):
+    """A 1-D program id -> ``(q, c, bh, b, h)``: q (the row-block job, fastest, so programs on
+    the same columns run together), the column chunk c, and the head ``bh = b H + h``.
+    ``bh``, ``b`` and ``h`` are int64: every offset built from them may pass 2^31."""
+    q = pid % NQ
+    rest = pid // NQ
+    c = rest % C
+    bh = (rest // C).to(tl.int64)
+    return q, c, bh, bh // H, bh % H
+
+
+@triton.jit
+def _form(f, x0, x1, x2, h, rows, cols, mask, a1, b1, a2, b2, sc,
           s0h, s0r, s0n, s1h, s1r, s1n, s2h, s2r, s2n, HAS_X2: tl.constexpr):  # fmt: skip
-    """Form ``f`` of the operands on a tile: ``F0 = x0``, ``F1 = a1 x1 + b1 x2`` or
-    ``F2 = a2 x1 + b2 F1``."""
+    """Form ``f`` of the operands on a tile: ``F0 = x0``, ``F1 = sc (a1 x1 + b1 x2)`` or
+    ``F2 = sc (a2 x1 + b2 (a1 x1 + b1 x2))`` (``sc`` a power of two)."""
     if f == 0:
         x = _load(x0, h, rows, cols, s0h, s0r, s0n, mask)
     else:
@@ -75,13 +90,14 @@ def _form(f, x0, x1, x2, h, rows, cols, mask, a1, b1, a2, b2,
             x += b1 * _load(x2, h, rows, cols, s2h, s2r, s2n, mask)
         if f == 2:
             x = a2 * v1 + b2 * x
+        x = x * sc
     return x
 
 
 @triton.jit
 def _gram_kernel(
-    x0, x1, x2, mo_ptr, f0, f1, f2, fo, gram_ptr, pairs_ptr, a1, b1, a2, b2, H, R, N, C, CHUNK,
-    KB, s0h, s0r, s0n, s1h, s1r, s1n, s2h, s2r, s2n, soh, sor, son,
+    x0, x1, x2, mo_ptr, f0, f1, f2, fo, gram_ptr, pairs_ptr, scale_ptr, scale_sb, a1, b1, a2,
+    b2, H, R, N, C, CHUNK, KB, NQ, s0h, s0r, s0n, s1h, s1r, s1n, s2h, s2r, s2n, soh, sor, son,
     HAS_X2: tl.constexpr, WRITE_M: tl.constexpr, SAME: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -89,18 +105,17 @@ def _gram_kernel(
     # SAME: every pair is a form with itself in one row block (the default stream: W W^T and
     # D D^T), so one tile per step is live, as spill-free tiling at dh 128 on sm_80 needs.
     # With WRITE_M the first pair is (F2, F2) and its j == 0 programs write F1 = m_new.
-    pid = tl.program_id(0)
-    q = tl.program_id(1)  # (pair, row block i, row block j)
-    c = pid % C
-    bh = pid // C
-    b = bh // H
-    h = bh % H
+    # The forms F1, F2 (the momentum and the direction) enter the Grams scaled by the batch
+    # entry's power of two (``scale``: exact), so no finite gradient overflows them; m_new is
+    # written unscaled.
+    q, c, bh, b, h = _entry(tl.program_id(0), NQ, C, H)  # q: (pair, row block i, block j)
+    sc = tl.load(scale_ptr + b * scale_sb)
     # Each operand's batch entry b at its own offset (layers read where they live: tables.py)
     x0 = _at(x0, f0, b, ALIGNED)
     x1 = _at(x1, f1, b, ALIGNED)
     x2 = _at(x2, f2, b, ALIGNED)
     mo_ptr = _at(mo_ptr, fo, b, ALIGNED)
-    pair = q // (KB * KB)
+    pair = (q // (KB * KB)).to(tl.int64)
     i = (q // KB) % KB
     j = q % KB
     fa = tl.load(pairs_ptr + 2 * pair)
@@ -123,24 +138,25 @@ def _gram_kernel(
                 xm = a1 * v1 + b1 * _load(x2, h, rows_i, cols, s2h, s2r, s2n, mask_i)
                 out = mo_ptr + h * soh + rows_i[:, None] * sor + cols[None, :] * son
                 tl.store(out, xm.to(mo_ptr.dtype.element_ty), mask=mask_i)
-                xa = a2 * v1 + b2 * xm
+                xa = (a2 * v1 + b2 * xm) * sc
             else:
-                xa = _form(fa, x0, x1, x2, h, rows_i, cols, mask_i, a1, b1, a2, b2, s0h, s0r,
-                           s0n, s1h, s1r, s1n, s2h, s2r, s2n, HAS_X2)  # fmt: skip
+                xa = _form(fa, x0, x1, x2, h, rows_i, cols, mask_i, a1, b1, a2, b2, sc, s0h,
+                           s0r, s0n, s1h, s1r, s1n, s2h, s2r, s2n, HAS_X2)  # fmt: skip
         else:
-            xa = _form(fa, x0, x1, x2, h, rows_i, cols, mask_i, a1, b1, a2, b2, s0h, s0r, s0n,
-                       s1h, s1r, s1n, s2h, s2r, s2n, HAS_X2)  # fmt: skip
+            xa = _form(fa, x0, x1, x2, h, rows_i, cols, mask_i, a1, b1, a2, b2, sc, s0h, s0r,
+                       s0n, s1h, s1r, s1n, s2h, s2r, s2n, HAS_X2)  # fmt: skip
         if SAME:
             xb = xa
         elif same:
             xb = xa
         else:
             mask_j = (rows_j < R)[:, None] & cm
-            xb = _form(fb, x0, x1, x2, h, rows_j, cols, mask_j, a1, b1, a2, b2, s0h, s0r, s0n,
-                       s1h, s1r, s1n, s2h, s2r, s2n, HAS_X2)  # fmt: skip
+            xb = _form(fb, x0, x1, x2, h, rows_j, cols, mask_j, a1, b1, a2, b2, sc, s0h, s0r,
+                       s0n, s1h, s1r, s1n, s2h, s2r, s2n, HAS_X2)  # fmt: skip
         acc += tl.dot(xa, tl.trans(xb), input_precision=PRECISION)
     rp = KB * BLOCK_R
-    base = gram_ptr + ((pair * (tl.num_programs(0) // C) + bh) * C + c) * rp * rp
+    bhs = tl.num_programs(0) // (C * NQ)  # B H
+    base = gram_ptr + ((pair * bhs + bh) * C + c) * rp * rp
     tl.store(base + rows_i[:, None] * rp + rows_j[None, :], acc)
 
 
@@ -155,9 +171,23 @@ def _operand(x: Tensor) -> tuple[Tensor, Tensor, bool, int, int, int]:
     return (x, offsets, x.stride(0) * x.element_size() % 16 == 0, *x.stride()[1:])
 
 
+def _per_entry(name: str, value: Tensor | None, b: int, device: torch.device) -> tuple[Tensor, int]:
+    """A per-batch-entry number as the kernels read it (``value[b * stride]``): a device
+    tensor of 1 or ``b`` values and its stride (0: one for all); None is 1."""
+    if value is None:
+        return device_constant((1.0,), torch.float32, device), 0
+    v = value.to(device=device, dtype=torch.float32).reshape(-1)
+    if v.numel() not in (1, b):
+        raise ValueError(f"{name}: expected 1 or {b} values (one per batch entry), "
+                         f"got {v.numel()}")  # fmt: skip
+    return v, int(v.numel() > 1)
+
+
 def _grams(x0: Tensor, x1: Tensor, x2: Tensor | None, coef: tuple[float, ...],
-           pairs: list[tuple[int, int]], m_out: Tensor | None) -> list[Tensor]:  # fmt: skip
-    """Launch ``_gram_kernel``: the ``(B, H, R, R)`` Gram of each pair of forms."""
+           pairs: list[tuple[int, int]], m_out: Tensor | None,
+           scale: Tensor | None = None) -> list[Tensor]:  # fmt: skip
+    """Launch ``_gram_kernel``: the ``(B, H, R, R)`` Gram of each pair of forms (F1, F2
+    times ``scale``, one per batch entry)."""
     b, h, r, n = x0.shape
     # Cross pairs (W D^T, joint's groups) keep two tiles live: 64-row blocks stay spill-free
     # on sm_80 where 128-row ones do not (bench/results/compile_report.md).
@@ -170,10 +200,12 @@ def _grams(x0: Tensor, x1: Tensor, x2: Tensor | None, coef: tuple[float, ...],
     rp = kb * block_r
     grams = torch.empty(len(pairs), b * h, c, rp, rp, dtype=torch.float32, device=x0.device)
     table = device_constant(pairs, torch.int32, x0.device)
+    scales, scale_sb = _per_entry("scale", scale, b, x0.device)
     ops = [_operand(x) for x in (x0, x1, x1 if x2 is None else x2, x1 if m_out is None else m_out)]
-    _gram_kernel[(b * h * c, len(pairs) * kb * kb)](
-        *(o[0] for o in ops), *(o[1] for o in ops), grams, table, *(float(v) for v in coef), h,
-        r, n, c, chunk, kb, *(s for o in ops for s in o[3:]),
+    nq = len(pairs) * kb * kb
+    _gram_kernel[(b * h * c * nq,)](
+        *(o[0] for o in ops), *(o[1] for o in ops), grams, table, scales, scale_sb,
+        *(float(v) for v in coef), h, r, n, c, chunk, kb, nq, *(s for o in ops for s in o[3:]),
         HAS_X2=x2 is not None, WRITE_M=m_out is not None, SAME=same, ALIGNED=all(o[2] for o in ops),
         BLOCK_R=block_r,
         BLOCK_N=block_n,
@@ -190,7 +222,7 @@ def _check(kernel: str, *tensors: Tensor) -> None:
 
 def stream_grams(
     w: Tensor, g: Tensor, m: Tensor, beta: float, nesterov: bool,
-    want: tuple[str, ...] = ("ww", "dd"),
+    want: tuple[str, ...] = ("ww", "dd"), scale: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
     """``reference.phases.stream_grams``, fused: one read of ``W, G, m``, ``m_new`` written
     once, every wanted Gram accumulated in the same pass."""
@@ -201,15 +233,15 @@ def stream_grams(
     order = ["dd", *(k for k in want if k != "dd")]
     pairs = [(FORMS[k[0]], FORMS[k[1]]) for k in order]
     m_new = torch.empty(w.shape, dtype=torch.float32, device=w.device)
-    out = _grams(w, g, m, (1.0, beta, a2, b2), pairs, m_new)
+    out = _grams(w, g, m, (1.0, beta, a2, b2), pairs, m_new, scale)
     return m_new, {k: x for k, x in zip(order, out) if k in want}
 
 
 def stream(
-    w: Tensor, g: Tensor, m: Tensor, beta: float, nesterov: bool
+    w: Tensor, g: Tensor, m: Tensor, beta: float, nesterov: bool, scale: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``reference.phases.stream``, fused: ``(m_new, W W^T, D D^T)``."""
-    m_new, grams = stream_grams(w, g, m, beta, nesterov)
+    m_new, grams = stream_grams(w, g, m, beta, nesterov, scale=scale)
     return m_new, grams["ww"], grams["dd"]
 
 
@@ -247,8 +279,8 @@ def _combo(
 @triton.jit
 def _map_kernel(
     w_ptr, wo_ptr, g_ptr, m_ptr, fw, fo, fg, fm, t_ptr, tw_ptr, step_ptr, step_val, step_sb,
-    gram_ptr, decay, beta, H, R, N, C, CHUNK, KB, GT, swh, swr, swn, soh, sor, son, sgh, sgr,
-    sgn, smh, smr, smn, MODE: tl.constexpr, HAS_TW: tl.constexpr, HAS_W: tl.constexpr,
+    gram_ptr, decay, beta, H, R, N, C, CHUNK, KB, NQ, GT, swh, swr, swn, soh, sor, son, sgh,
+    sgr, sgn, smh, smr, smn, MODE: tl.constexpr, HAS_TW: tl.constexpr, HAS_W: tl.constexpr,
     STEP_PTR: tl.constexpr, NESTEROV: tl.constexpr,
     ONE_BLOCK: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -256,17 +288,12 @@ def _map_kernel(
     """MODE 0: ``out = decay W - step X``; MODE 1: partial Grams ``X_i X_j^T``; MODE 2:
     ``out = decay W - step X`` for a given ``X`` (read at ``m_ptr``: no maps). ``step``: entry
     ``b`` of a device tensor at ``step_ptr + b * step_sb`` (``STEP_PTR``), else ``step_val``."""
-    pid = tl.program_id(0)
-    q = tl.program_id(1)
-    c = pid % C
-    bh = pid // C
-    b = bh // H
-    h = bh % H
+    q, c, bh, b, h = _entry(tl.program_id(0), NQ, C, H)  # q: the row block (or i, j pair)
     w_ptr = _at(w_ptr, fw, b, ALIGNED)
     wo_ptr = _at(wo_ptr, fo, b, ALIGNED)
     g_ptr = _at(g_ptr, fg, b, ALIGNED)
     m_ptr = _at(m_ptr, fm, b, ALIGNED)
-    rp = KB * BLOCK_R
+    rp = KB * BLOCK_R  # bh is int64: these scratch offsets pass 2^31 in a big batch
     t_ptr += (bh // GT) * rp * rp  # GT heads share a map (grouped roots: group_size)
     tw_ptr += bh * rp * rp
     ar = tl.arange(0, BLOCK_R)
@@ -351,11 +378,7 @@ def _launch_maps(mode: int, w: Tensor, t: Tensor | None, t_w: Tensor | None, g: 
     # number passed as one: neither is copied (nor, under a CUDA graph, uploaded) per launch.
     steps, step_val, step_sb = None, 0.0, 0
     if torch.is_tensor(step):
-        steps = step.to(device=m.device, dtype=torch.float32).reshape(-1)
-        if steps.numel() not in (1, b):
-            raise ValueError(f"step: expected 1 or {b} values (one per batch entry), "
-                             f"got {steps.numel()}")  # fmt: skip
-        step_sb = int(steps.numel() > 1)
+        steps, step_sb = _per_entry("step", step, b, m.device)
     else:
         step_val = float(step)
     grams = None
@@ -363,11 +386,11 @@ def _launch_maps(mode: int, w: Tensor, t: Tensor | None, t_w: Tensor | None, g: 
         grams = torch.empty(b * h, c, rp, rp, dtype=torch.float32, device=m.device)
         out = m
     ops = [_operand(x) for x in (w, out, g, m)]
-    _map_kernel[(b * h * c, blocks)](
+    _map_kernel[(b * h * c * blocks,)](
         *(o[0] for o in ops), *(o[1] for o in ops), tp, twp, tp if steps is None else steps,
         step_val, step_sb,
         grams if grams is not None else tp, float(decay), float(beta), h, r, n, c, chunk, kb,
-        gt,
+        blocks, gt,
         *(s for o in ops for s in o[3:]), MODE=mode, HAS_TW=t_w is not None,
         HAS_W=mode != 1 and decay != 0.0, STEP_PTR=steps is not None,
         NESTEROV=bool(nesterov), ONE_BLOCK=kb == 1, ALIGNED=all(o[2] for o in ops), BLOCK_R=block_r,

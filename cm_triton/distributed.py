@@ -62,6 +62,7 @@ from cm_triton.layouts import get_layout
 from cm_triton.options import CMOptions
 from cm_triton.reference.muon import muon_direction
 from cm_triton.reference.phases import (
+    direction_scale,
     fusable,
     hybrid_update,
     leg_update,
@@ -204,6 +205,13 @@ class Comm:
         dist.all_reduce(t, group=self.group)
         return t
 
+    def all_max(self, t: Tensor) -> Tensor:
+        """Elementwise maximum over ranks (a new tensor)."""
+        x = t.clone()
+        self._record("all_reduce", 2 * (self.world - 1) / self.world * x.numel() * x.element_size())
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        return x
+
     def all_true(self, flags: Tensor) -> Tensor:
         """Logical AND over ranks of a bool vector."""
         x = flags.to(torch.int32)
@@ -276,36 +284,39 @@ class Comm:
         return out
 
     # -- plans --------------------------------------------------------------------------------
-    def attention(self, b, weights, grads, moms, opts: CMOptions, prims):
-        """New local weight and momentum stacks of one attention batch (see the module doc)."""
+    def attention(self, b, weights, grads, moms, opts: CMOptions, prims, amax=None):
+        """New local weight and momentum stacks of one attention batch (see the module doc).
+        ``amax``: per position, each layer's largest gradient or momentum magnitude, the same
+        on every rank (``engine._agree_scales``): every plan scales as one process would."""
         group0 = b.members[0]
         params = [ps[0] for ps in b.params]
         where = [_placement(p) for p in params]
         layout = group_layout(group0)
         if self.replicated == "split" and all(w == "local" for w in where):
             self.plans["replicated_split"] += 1
-            return self._split_attention(layout, weights, grads, moms, group0, opts, prims)
+            return self._split_attention(layout, weights, grads, moms, group0, opts, prims, amax)
         if all(w != "shard0" for w in where):
             self.plans["local"] += 1
-            return compute_attention(layout, weights, grads, moms, group0, opts, prims)
+            return compute_attention(layout, weights, grads, moms, group0, opts, prims, amax)
         kind, dh, w = group0["kind"], group0["head_dim"], self.world
         even = all(w_ == "shard0" and p.shape[0] % (w * dh) == 0 for w_, p in zip(where, params))
         if kind == "qk" and even and not opts.per_mat_renorm:
             self.plans["qk_local"] += 1
             hq, hkv = params[0].shape[0] // dh, params[1].shape[0] // dh
             loc = get_layout("qk", hq // w, hkv // w, dh)
-            return compute_attention(loc, weights, grads, moms, group0, opts, prims)
+            return compute_attention(loc, weights, grads, moms, group0, opts, prims, amax)
         v, o = params if kind == "ov" else (None, None)
         ov_ok = kind == "ov" and where == ["shard0", "shard0"] and v.shape[0] % (w * dh) == 0
         if ov_ok and fusable(opts, dh, o.shape[0], v.shape[1]) and not opts.per_mat_renorm:
             self.plans["ov_sharded"] += 1
-            return self._ov_sharded(dh, params, weights, grads, moms, opts, prims)
+            scale = None if amax is None else direction_scale(*amax)
+            return self._ov_sharded(dh, params, weights, grads, moms, opts, prims, scale)
         self.plans["gather"] += 1
         n = len(params)
         if opts.momentum_reproject or layout.muon:  # these read the whole momentum
             full = self.gather_rows([*weights, *grads, *moms], params * 3)
             new_w, new_m = compute_attention(layout, full[:n], full[n : 2 * n], full[2 * n :],
-                                             group0, opts, prims)  # fmt: skip
+                                             group0, opts, prims, amax)  # fmt: skip
             return [self._own_rows(x, p) for x, p in zip(new_w, params)], [
                 self._own_rows(x, p) for x, p in zip(new_m, params)
             ]
@@ -317,10 +328,12 @@ class Comm:
         full = self.gather_rows([*weights, *dirs], params * 2)
         plain = dataclasses.replace(opts, beta=0.0, nesterov=False)
         zeros = [torch.zeros_like(x) for x in full[n:]]
-        new_w, _ = compute_attention(layout, full[:n], full[n:], zeros, group0, plain, prims)
+        new_w, _ = compute_attention(layout, full[:n], full[n:], zeros, group0, plain, prims,
+                                     amax)  # fmt: skip
         return [self._own_rows(x, p) for x, p in zip(new_w, params)], new_m
 
-    def _split_attention(self, layout, weights, grads, moms, group0, opts: CMOptions, prims):
+    def _split_attention(self, layout, weights, grads, moms, group0, opts: CMOptions, prims,
+                         amax=None):  # fmt: skip
         """Replicated parameters: this rank steps its chunk of the batch, one all_gather."""
         n = weights[0].shape[0]
         mine, chunk, first = self.split(n)
@@ -331,9 +344,10 @@ class Comm:
             lo = min(mine.start, n - 2)
             run, keep = slice(lo, lo + 2), slice(mine.start - lo, mine.start - lo + 1)
         if keep.stop > keep.start:
+            part = None if amax is None else [a[run] for a in amax]
             new_w, new_m = compute_attention(layout, [w[run] for w in weights],
                                              [g[run] for g in grads], [m[run] for m in moms],
-                                             group0, opts, prims)  # fmt: skip
+                                             group0, opts, prims, part)  # fmt: skip
             new_w, new_m = [x[keep] for x in new_w], [x[keep] for x in new_m]
         else:  # fewer entries than ranks: this rank only joins the gather
             new_w, new_m = [w[:0] for w in weights], [m[:0] for m in moms]
@@ -348,8 +362,10 @@ class Comm:
         start, stop, _ = _rows(p, self.world, self.rank)
         return full[:, start:stop]
 
-    def _ov_sharded(self, dh: int, params, weights, grads, moms, opts: CMOptions, prims):
-        """OV with V heads split evenly and o_w's rows (the width) sharded: see module doc."""
+    def _ov_sharded(self, dh: int, params, weights, grads, moms, opts: CMOptions, prims,
+                    scale=None):  # fmt: skip
+        """OV with V heads split evenly and o_w's rows (the width) sharded: see module doc.
+        ``scale (L,)``: the pair's direction power of two, agreed over the ranks."""
         v_p, o_p = params
         hq, hkv = o_p.shape[1] // dh, v_p.shape[0] // dh
         hkv_loc = hkv // self.world
@@ -364,8 +380,8 @@ class Comm:
         v, gv, mv = (v_heads(x) for x in (weights[0], grads[0], moms[0]))
         o, go, mo = (o_heads(x) for x in (weights[1], grads[1], moms[1]))
         ops = prims.phases
-        mv_new, a_v, s_v = ops.stream(v, gv, mv, opts.beta, opts.nesterov)
-        mo_new, a_o, s_o = ops.stream(o, go, mo, opts.beta, opts.nesterov)
+        mv_new, a_v, s_v = ops.stream(v, gv, mv, opts.beta, opts.nesterov, scale)
+        mo_new, a_o, s_o = ops.stream(o, go, mo, opts.beta, opts.nesterov, scale)
         # One all_reduce: O Grams (partial over the width), V Grams (each from its owner rank),
         # and, for per-head O legs, the O direction Grams.
         first = self.rank * hkv_loc
@@ -379,13 +395,13 @@ class Comm:
         root_o, root_v = partner_roots_from_grams(a_o, a_v_all, opts, ops)
         own_v = None if root_v is None else root_v[:, first : first + hkv_loc]
         b_o, b_v = opts.budgets(hq // hkv)
-        v_new = leg_update(v, gv, mv_new, s_v, own_v, opts, b_v, ops)
+        v_new = leg_update(v, gv, mv_new, s_v, own_v, opts, b_v, ops, scale=scale)
         if opts.hybrid:
             sign = self._o_sign_fn(opts, hq * dh, o_p, prims)
-            o_new = hybrid_update(o, go, mo_new, root_o, opts, sign)
+            o_new = hybrid_update(o, go, mo_new, root_o, opts, sign, scale=scale)
         else:
             o_new = leg_update(o, go, mo_new, pieces[2], root_o, opts, b_o, ops,
-                               reduce=self.all_reduce)  # fmt: skip
+                               reduce=self.all_reduce, scale=scale)  # fmt: skip
 
         def v_back(x):
             return x.flatten(1, 2)
@@ -429,7 +445,7 @@ class Comm:
         y = ns_iterate(y.to(dtype or out_dtype), coefficients, self.all_reduce)
         return y.to(out_dtype)
 
-    def muon(self, b, w, g, m, group: dict, opts: CMOptions, prims):
+    def muon(self, b, w, g, m, group: dict, opts: CMOptions, prims, amax=None):
         """Muon on a batch of sharded matrices: each orthogonalised once, on its owner rank.
         Every plan takes Muon's own sign (as the owner plan must: it gathers the direction,
         not the weights), so the plans agree bit for bit."""
@@ -442,16 +458,19 @@ class Comm:
             mine, chunk, first = self.split(w.shape[0])
             part = w[:0]
             if mine.stop > mine.start:
-                part, _ = compute_muon(w[mine], g[mine], m[mine], group, opts, prims)
+                part, _ = compute_muon(w[mine], g[mine], m[mine], group, opts, prims,
+                                       None if amax is None else amax[mine])  # fmt: skip
             (w_new,) = self.gather_split([part], w.shape[0], chunk, first)
             return w_new, m * group["momentum"] + g  # compute_muon's momentum, elementwise
         if where != "shard0" or shape.startswith("experts"):  # whole matrices are local
             self.plans["muon_local"] += 1
-            return compute_muon(w, g, m, group, opts, prims)
+            return compute_muon(w, g, m, group, opts, prims, amax)
         self.plans["muon_owner"] += 1
         mom = group["momentum"]
         m_new = m * mom + g
         update = (g + mom * m_new).flatten(2)  # (L, rows_loc, K)
+        if amax is not None:  # the power of two one process scales this update by
+            update = update * direction_scale(amax)[:, None, None]
         n, k = params[0].shape[0], update.shape[-1]
         start, stop, chunk = _rows(params[0], self.world, self.rank)
         rows = [_rows(params[0], self.world, r) for r in range(self.world)]

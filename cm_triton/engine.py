@@ -29,6 +29,7 @@ weights and gradients (none on the kernels' backend) and the weights' write-back
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ from cm_triton.layouts import Heads, Layout
 from cm_triton.options import CMOptions
 from cm_triton.reference.adamw import adamw_update
 from cm_triton.reference.muon import muon_update
+from cm_triton.reference.phases import direction_scale
 from cm_triton.reference.primitives import compute_dtype
 from cm_triton.reference.rule import Primitives, pair_step
 from cm_triton.tables import LayerRows, OffsetTable, layer_rows
@@ -83,6 +85,7 @@ class Batch:
     nonfinite: str
     columns: list[bool] = field(default_factory=list)  # per position: heads are its columns
     momentum: list[Tensor] | None = None  # plain tensors: the momentum stacks (state views)
+    m_amax: list[Tensor] | None = None  # per position (L,): the momentum's largest magnitude
     skips: Tensor | None = None  # (L,) int64 on the device: skipped steps, state views
     # The kernels' layer offsets of each operand read in place: (position, "w" | "g") -> table
     tables: dict[tuple[int, str], OffsetTable] = field(default_factory=dict)
@@ -264,11 +267,13 @@ def _assemble(parts: list[tuple[Heads, Tensor]], like: Tensor) -> Tensor:
 
 def compute_attention(
     layout: Layout, weights: list[Tensor], grads: list[Tensor], moms: list[Tensor],
-    group: dict, opts: CMOptions, prims,
+    group: dict, opts: CMOptions, prims, amax: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
     """The rule on stacked parameters: ``weights[i] (L, *shape_i)`` (and grads, momentum) ->
     new weight and momentum stacks, each pair read and written through ``layout``'s views.
-    Nothing is written in place."""
+    ``amax[i] (L,)``: the largest magnitude of position i's gradient and momentum, from which
+    each pair's direction is scaled by a power of two (``phases.direction_scale``; None: not
+    scaled). Nothing is written in place."""
     cdtype = compute_dtype(weights[0].dtype)
     new_w: dict[int, list] = defaultdict(list)
     new_m: dict[int, list] = defaultdict(list)
@@ -279,35 +284,44 @@ def compute_attention(
         # copy here) as from a distributed plan's gathered ones.
         return role.heads(stacks[role.param]).to(cdtype).contiguous()
 
+    def scale(*params: int) -> Tensor | None:
+        return None if amax is None else direction_scale(*(amax[i] for i in params))
+
     for pair in layout.pairs:
         pr, sr = pair.p, pair.s
         out = pair_step(
             read(pr, weights), read(sr, weights), read(pr, grads), read(sr, grads),
             read(pr, moms), read(sr, moms), opts, pair.kind == "ov" and opts.hybrid, prims,
+            scale(pr.param, sr.param),
         )  # fmt: skip
         for role, parts, value in ((pr, new_w, out[0]), (sr, new_w, out[1]),
                                    (pr, new_m, out[2]), (sr, new_m, out[3])):  # fmt: skip
             parts[role.param].append((role, value))
     for extra in layout.muon:
         w, g, m = (extra.heads(x[extra.param]) for x in (weights, grads, moms))
-        w_new, m_new = _muon_rows(w, g, m, group, opts, prims)
+        w_new, m_new = _muon_rows(w, g, m, group, opts, prims, scale(extra.param))
         new_w[extra.param].append((extra, w_new))
         new_m[extra.param].append((extra, m_new))
     return ([_assemble(new_w[i], w) for i, w in enumerate(weights)],
             [_assemble(new_m[i], m) for i, m in enumerate(moms)])  # fmt: skip
 
 
-def compute_muon(w: Tensor, g: Tensor, m: Tensor, group: dict, opts: CMOptions, prims):
+def compute_muon(w: Tensor, g: Tensor, m: Tensor, group: dict, opts: CMOptions, prims,
+                 amax: Tensor | None = None):  # fmt: skip
     """Muon on stacked parameters ``(L, *shape)`` -> ``(new w, new m)``, by the group's
     ``"shape"``: ``"matrix"``: one matrix ``(out, in * rest)`` per parameter (a conv weight is
-    flattened); ``"experts"``: a 3-D parameter is a batch of matrices, one sign each."""
+    flattened); ``"experts"``: a 3-D parameter is a batch of matrices, one sign each.
+    ``amax (L,)``: each entry's largest gradient or momentum magnitude (its update's power of
+    two, ``phases.direction_scale``; None: not scaled)."""
     shape = group.get("shape", "matrix")
     mats = (lambda x: x.flatten(2)) if shape.startswith("matrix") else (lambda x: x)
-    w_new, m_new = _muon(mats(w), mats(g), mats(m), group, opts, prims, shape.endswith("_t"))
+    scale = None if amax is None else direction_scale(amax)
+    w_new, m_new = _muon(mats(w), mats(g), mats(m), group, opts, prims, shape.endswith("_t"),
+                         scale)  # fmt: skip
     return w_new.view(w.shape), m_new.view(m.shape)
 
 
-def _muon(w, g, m, group, opts: CMOptions, prims, transposed: bool):
+def _muon(w, g, m, group, opts: CMOptions, prims, transposed: bool, scale=None):
     # On the kernels' backend a Gram-form matrix steps through the CM legs' stream and apply
     # passes (reading the layers in place); the reference keeps Muon's own sign, which the
     # distributed owner plan shares bit for bit.
@@ -315,10 +329,10 @@ def _muon(w, g, m, group, opts: CMOptions, prims, transposed: bool):
                        momentum=group["momentum"], coefficients=opts.ns_coefficients,
                        dtype=opts.ns_dtype, method=opts.ns_method, restart=opts.ns_restart,
                        transposed=transposed, msign_fn=prims.msign,
-                       ops=prims.phases if prims.in_place else None)  # fmt: skip
+                       ops=prims.phases if prims.in_place else None, scale=scale)  # fmt: skip
 
 
-def _muon_rows(w, g, m, group, opts, prims):
+def _muon_rows(w, g, m, group, opts, prims, scale=None):
     """Muon extras of an attention layout (e.g. gate rows): ``(L, H, dh, d)`` heads -> one
     ``(H*dh, d)`` matrix per batch entry."""
     shape = w.shape
@@ -326,7 +340,7 @@ def _muon_rows(w, g, m, group, opts, prims):
     def flat(x: Tensor) -> Tensor:
         return x.reshape(shape[0], -1, shape[-1])
 
-    w_new, m_new = _muon(flat(w), flat(g), flat(m), group, opts, prims, False)
+    w_new, m_new = _muon(flat(w), flat(g), flat(m), group, opts, prims, False, scale)
     return w_new.view(shape), m_new.view(shape)
 
 
@@ -345,6 +359,28 @@ def _exact_finite(stack: Tensor) -> Tensor:
     return torch.isfinite(stack).flatten(1).all(1)
 
 
+def _amax(stack: Tensor) -> Tensor:
+    """``(L, ...) -> (L,)`` float32: each entry's largest magnitude (inf or NaN where an entry
+    is not finite): the direction's power of two (``phases.direction_scale``) and an exact
+    finiteness check in one pass (a 2-norm can overflow on finite entries)."""
+    cdtype = compute_dtype(stack.dtype)  # exact: a maximum of stored values
+    if isinstance(stack, LayerRows):  # each layer where it lives
+        return torch.stack(torch._foreach_norm(stack.layers, math.inf)).to(cdtype)
+    dims = tuple(range(1, stack.dim()))  # not flatten(1): a strided stack would be copied
+    return torch.linalg.vector_norm(stack, math.inf, dim=dims).to(cdtype)
+
+
+@dataclass
+class _Gathered:
+    batch: Batch
+    weights: list[Tensor]
+    grads: list[Tensor]
+    moms: list[Tensor]
+    amax: list[Tensor]  # per position (L,): the largest |gradient| or |momentum| entry
+    m_amax: list[Tensor]  # per position (L,): the momentum's largest magnitude
+    grads_ok: Tensor  # (L,) every gradient of the member finite
+
+
 @dataclass
 class _Computed:
     batch: Batch
@@ -353,6 +389,8 @@ class _Computed:
     grads: list[Tensor]
     new_w: list[Tensor]
     new_m: list[Tensor]
+    m_amax: list[Tensor]  # per position (L,): the new momentum's largest magnitude
+    old_m_amax: list[Tensor]  # the momentum's before the step
     finite: Tensor  # (L,) gradients and results of each member
 
 
@@ -392,7 +430,7 @@ def _reads_in_place(b: Batch, comm) -> bool:
             and not torch.compiler.is_compiling())  # fmt: skip
 
 
-def _compute(b: Batch, state: dict, comm) -> _Computed:
+def _gather_batch(b: Batch, state: dict, comm) -> _Gathered:
     in_place = _reads_in_place(b, comm)
 
     def table(i: int, operand: str) -> OffsetTable | None:
@@ -403,26 +441,53 @@ def _compute(b: Batch, state: dict, comm) -> _Computed:
     weights = [_gather([local(p) for p in ps], c, table(i, "w"))
                for i, (ps, c) in enumerate(zip(b.params, b.columns))]  # fmt: skip
     moms = _momentum_stacks(b, state)
+    g_amax = [_amax(x) for x in grads]
+    m_amax = b.m_amax if b.m_amax is not None else [_amax(m) for m in moms]
+    amax = [torch.maximum(g, m) for g, m in zip(g_amax, m_amax)]
+    grads_ok = torch.stack([x.isfinite() for x in g_amax]).all(0)
+    return _Gathered(b, weights, grads, moms, amax, m_amax, grads_ok)
+
+
+def _agree_scales(gathered: list[_Gathered], comm) -> None:
+    """Sharded parameters (DTensors): each rank saw its shard's magnitudes; one all_reduce
+    (max) gives every rank the whole parameter's, so every plan scales as one process would.
+    Replicated ones (DDP) already agree."""
+    sharded = [g for g in gathered if g.batch.skips is None]
+    if comm is None or not sharded:
+        return
+    sizes = [len(x) for g in sharded for x in g.amax]
+    every = comm.all_max(torch.cat([x for g in sharded for x in g.amax])).split(sizes)
+    i = 0
+    for g in sharded:
+        g.amax = list(every[i : i + len(g.amax)])
+        i += len(g.amax)
+
+
+def _compute(g: _Gathered, comm) -> _Computed:
+    b, weights, grads, moms = g.batch, g.weights, g.grads, g.moms
     opts = b.options()
     if b.kind == "attention":
         group0 = b.members[0]
         if comm is None:
             new_w, new_m = compute_attention(b.layout, weights, grads, moms, group0, opts,
-                                             b.prims)  # fmt: skip
+                                             b.prims, g.amax)  # fmt: skip
         else:
-            new_w, new_m = comm.attention(b, weights, grads, moms, opts, b.prims)
+            new_w, new_m = comm.attention(b, weights, grads, moms, opts, b.prims, g.amax)
     else:
-        args = (weights[0], grads[0], moms[0], b.group, opts, b.prims)
+        args = (weights[0], grads[0], moms[0], b.group, opts, b.prims, g.amax[0])
         w1, m1 = compute_muon(*args) if comm is None else comm.muon(b, *args)
         new_w, new_m = [w1], [m1]
-    flags = [_quick_finite(x) for x in (*grads, *new_w, *new_m)]
-    return _Computed(b, weights, moms, grads, new_w, new_m, torch.stack(flags).all(0))
+    m_amax = [_amax(x) for x in new_m]
+    flags = [g.grads_ok, *(_quick_finite(x) for x in new_w), *(x.isfinite() for x in m_amax)]
+    return _Computed(b, weights, moms, grads, new_w, new_m, m_amax, g.m_amax,
+                     torch.stack(flags).all(0))  # fmt: skip
 
 
 def _exactly_finite(c: _Computed) -> tuple[bool, bool]:
     """(gradients, results) of a batch whose quick check failed, entry by entry."""
     grads = all(bool(_exact_finite(g).all()) for g in c.grads)
-    results = all(bool(_exact_finite(x).all()) for x in (*c.new_w, *c.new_m))
+    results = all(bool(_exact_finite(x).all()) for x in c.new_w)
+    results = results and all(bool(x.isfinite().all()) for x in c.m_amax)
     return grads, results
 
 
@@ -436,9 +501,12 @@ def _adamw_finite(plan: Plan) -> list[Tensor]:
 
 
 def run_step(plan: Plan, state: dict, comm=None, on_raise=None) -> None:
-    """Run one step of ``plan`` (see the module doc). ``on_raise(kind)`` is called with
-    ``"gradients"`` or ``"results"`` when a ``"raise"`` group cannot step; it must raise."""
-    computed = [_compute(b, state, comm) for b in plan.batches]
+    """Run one step of ``plan`` (see the module doc). ``on_raise(kind, groups)`` is called
+    with ``"gradients"`` or ``"results"`` (and, for results, the param groups whose step was
+    not finite on this rank) when a ``"raise"`` group cannot step; it must raise."""
+    gathered = [_gather_batch(b, state, comm) for b in plan.batches]
+    _agree_scales(gathered, comm)
+    computed = [_compute(g, comm) for g in gathered]
     adam_flags = _adamw_finite(plan)
     flags = [c.finite for c in computed] + adam_flags
     if comm is not None and flags:  # every rank decides the same
@@ -463,10 +531,14 @@ def _settle(computed, plan, adam_flags, comm, on_raise) -> None:
     """The quick check failed somewhere: decide exactly (finite entries can overflow a norm),
     and raise through ``on_raise`` if a "raise" group really cannot step."""
     grads_ok, results_ok = True, True
+    failed: list[dict] = []  # groups whose results were not finite (this rank's)
     for c in computed:
         if c.batch.nonfinite == "raise" and not bool(c.finite.all()):
             g, r = _exactly_finite(c)
             grads_ok, results_ok = grads_ok and g, results_ok and r
+            if g and not r:
+                b = c.batch
+                failed += b.members if b.kind == "attention" else [b.group]
     for (group, ps), f in zip(plan.adamw, adam_flags):
         if group["nonfinite"] == "raise" and not bool(f.all()):
             exact = all(bool(torch.isfinite(local(p.grad)).all()) for p in ps)
@@ -475,9 +547,9 @@ def _settle(computed, plan, adam_flags, comm, on_raise) -> None:
     if comm is not None:
         ok = comm.all_true(ok)
     if not bool(ok[0]):
-        on_raise("gradients")
+        on_raise("gradients", [])
     if not bool(ok[1]):
-        on_raise("results")
+        on_raise("results", failed)
 
 
 def _commit(c: _Computed, state: dict, in_place: bool) -> None:
@@ -496,6 +568,13 @@ def _commit(c: _Computed, state: dict, in_place: bool) -> None:
         new_m = [where(n, o) for n, o in zip(new_m, c.moms)]
     for ps, value in zip(b.params, new_w):
         torch._foreach_copy_([local(p) for p in ps], list(value.to(ps[0].dtype).unbind(0)))
+    # The next step's momentum magnitudes: those of the momentum as stored (rounding to the
+    # parameter's dtype is monotone, so the rounded maximum is the stored one's maximum: a
+    # resumed run, which reads the stored buffers, scales the same).
+    amax = [a.to(ps[0].dtype).to(a.dtype) for a, ps in zip(c.m_amax, b.params)]
+    if b.nonfinite == "skip":
+        amax = [torch.where(c.finite, a, old) for a, old in zip(amax, c.old_m_amax)]
+    b.m_amax = amax
     plain = b.skips is not None
     if plain:
         if in_place and b.momentum is not None:

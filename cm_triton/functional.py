@@ -6,11 +6,14 @@ Plumbing only: validate, lay the nn.Linear weights out as head blocks, run the p
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from cm_triton.dispatch import resolve_options, resolve_primitives
 from cm_triton.options import CMOptions
+from cm_triton.reference.phases import direction_scale
 from cm_triton.reference.primitives import compute_dtype
 from cm_triton.reference.rule import pair_step
 from cm_triton.schedules import POLAR_EXPRESS_8
@@ -168,7 +171,10 @@ def _run(
     p, gp, mp = (t.to(dtype).contiguous()[None] for t in p_views)
     s, gs, ms = (t.to(dtype).contiguous()[None] for t in s_views)
     with torch.no_grad():
-        new = pair_step(p, s, gp, gs, mp, ms, opts, kind == "ov" and opts.hybrid, prims)
+        # The direction's power of two (its fp32 Grams then never overflow or underflow)
+        amax = torch._foreach_norm([gp, gs, mp, ms], math.inf)
+        scale = direction_scale(*(a.reshape(1) for a in amax))
+        new = pair_step(p, s, gp, gs, mp, ms, opts, kind == "ov" and opts.hybrid, prims, scale)
         new = [t[0] for t in new]
         # Commit only a finite result: finite inputs can still give an undefined step when a
         # partner Gram is singular and nothing damps it (C^{-1} does not exist).

@@ -200,14 +200,28 @@ class CompositionalMuon(torch.optim.Optimizer):
                     f"({g['kind']!r}) has nonfinite={g['nonfinite']!r}"
                 )
 
-    def _cannot_step(self, why: str) -> None:
-        """A "raise" group cannot step (``engine.run_step``): nothing was modified."""
+    def _cannot_step(self, why: str, groups: list[dict]) -> None:
+        """A "raise" group cannot step (``engine.run_step``): nothing was modified. Names
+        the groups whose step was not finite and the cause found: an undamped partner (a zero
+        or rank-deficient head has no inverse root), or none this package knows of."""
         if why == "gradients":
             self._raise_nonfinite()
+        where = [next(i for i, g in enumerate(self.param_groups) if g is group)
+                 for group in groups]  # fmt: skip
+        names = ", ".join(f"param group {i} ({self.param_groups[i]['kind']!r})" for i in where)
+        undamped = [i for i in where if self.param_groups[i]["kind"] in ATTENTION_KINDS
+                    and group_options(self.param_groups[i]).damping == 0]  # fmt: skip
+        if undamped:
+            cause = ("with damping=0.0 a zero or rank-deficient partner head has no inverse "
+                     "root; use damping > 0")  # fmt: skip
+        else:
+            cause = ("the gradients are finite and the partners damped (every direction is "
+                     "scaled by a power of two before its Grams, so no finite gradient "
+                     "overflows them): no cause this package knows of; please report it with "
+                     "the shapes and options")  # fmt: skip
         raise FloatingPointError(
-            "CompositionalMuon produced a non-finite step, so nothing was modified: with "
-            "damping=0.0 a zero or rank-deficient partner head has no inverse root; use "
-            "damping > 0"
+            f"CompositionalMuon produced a non-finite step ({names or 'on another rank'}), "
+            f"so nothing was modified: {cause}"
         )
 
     def _raise_nonfinite(self) -> None:

@@ -7,6 +7,8 @@ It shares no code with cm_triton, so agreement pins the batched reference to the
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 PE8 = [
@@ -25,6 +27,13 @@ def ns_msign(x: torch.Tensor, coeffs=PE8) -> torch.Tensor:
         m = y @ y.T
         y = a * y + (b * m + c * m @ m) @ y
     return y.T if tall else y
+
+
+def power_of_two(*ts: torch.Tensor) -> float:
+    """The power of two that brings the largest |entry| of ``ts`` into [1/2, 1) (1 for all
+    zero): the pair's direction is scaled by it before its signs (spec §2, step 2)."""
+    top = max(t.abs().max().item() for t in ts)
+    return 1.0 if top == 0 else 2.0 ** -math.frexp(top)[1]
 
 
 def svd_msign(x: torch.Tensor) -> torch.Tensor:
@@ -82,6 +91,7 @@ def oracle_qk(q, k, gq, gk, mq, mk, dh, **kw):
     Q = [q[h * dh : (h + 1) * dh] for h in range(hq)]
     K = [k[g * dh : (g + 1) * dh] for g in range(hkv)]
     grp = [list(range(g * G, (g + 1) * G)) for g in range(hkv)]
+    scale = power_of_two(gq, gk, mq, mk)
     mq = o["beta"] * mq + gq
     mk = o["beta"] * mk + gk
     if o["momentum_reproject"]:
@@ -90,8 +100,8 @@ def oracle_qk(q, k, gq, gk, mq, mk, dh, **kw):
         mkh = [mk[g * dh : (g + 1) * dh] for g in range(hkv)]
         mqh, mkh = _connect_qk(Q, K, mqh, mkh, grp, kind, lam, dh)
         mq, mk = torch.cat(mqh), torch.cat(mkh)
-    dq = gq + o["beta"] * mq if o["nesterov"] else mq
-    dk = gk + o["beta"] * mk if o["nesterov"] else mk
+    dq = scale * (gq + o["beta"] * mq if o["nesterov"] else mq)
+    dk = scale * (gk + o["beta"] * mk if o["nesterov"] else mk)
     DQ = [dq[h * dh : (h + 1) * dh] for h in range(hq)]
     DK = [dk[g * dh : (g + 1) * dh] for g in range(hkv)]
     ck = _roots([[K[g]] for g in range(hkv)], dh, lam, o["isotropic"])  # partner of Q_h: C_K,g(h)
@@ -169,6 +179,7 @@ def oracle_ov(v, o_w, gv, go, mv, mo, dh, **kw):
     V = [v[g * dh : (g + 1) * dh] for g in range(hkv)]
     O = [o_w[:, h * dh : (h + 1) * dh] for h in range(hq)]
     grp = [list(range(g * G, (g + 1) * G)) for g in range(hkv)]
+    scale = power_of_two(gv, go, mv, mo)
     mv = o["beta"] * mv + gv
     mo = o["beta"] * mo + go
     if o["momentum_reproject"]:
@@ -177,8 +188,8 @@ def oracle_ov(v, o_w, gv, go, mv, mo, dh, **kw):
         moh = [mo[:, h * dh : (h + 1) * dh] for h in range(hq)]
         mvh, moh = _connect_ov(V, O, mvh, moh, grp, kind, lam, dh)
         mv, mo = torch.cat(mvh), torch.cat(moh, dim=1)
-    dv = gv + o["beta"] * mv if o["nesterov"] else mv
-    do = go + o["beta"] * mo if o["nesterov"] else mo
+    dv = scale * (gv + o["beta"] * mv if o["nesterov"] else mv)
+    do = scale * (go + o["beta"] * mo if o["nesterov"] else mo)
     DV = [dv[g * dh : (g + 1) * dh] for g in range(hkv)]
     DO = [do[:, h * dh : (h + 1) * dh] for h in range(hq)]
     # partner of O_h is V_g(h) (rows); partner of V_g is the group of O_h (columns: O^T rows)

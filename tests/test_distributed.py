@@ -148,13 +148,15 @@ LOCAL_QK = ("q_proj", "k_proj", "fc1", "fc2", "emb", "head", "norm")
 CASES = {
     # Hq = 8, Hkv = 4: whole heads per rank at 2 and 4 ranks. Collectives per step: the OV
     # Gram all_reduce, one agreement on every finite flag (gradients and results, all
-    # batches); one all_gather (O sign); an all_to_all pair per Muon shape (fc1, fc2).
+    # batches) and one before the step on every layer's largest gradient and momentum
+    # magnitude (the direction's power of two, engine._agree_scales); one all_gather (O
+    # sign); an all_to_all pair per Muon shape (fc1, fc2).
     "gqa_aligned": (
         {"hq": 8, "hkv": 4},
         {},
         {},
         LOCAL_QK,
-        {"all_reduce": 2, "all_gather": 1, "all_to_all": 4},
+        {"all_reduce": 3, "all_gather": 1, "all_to_all": 4},
         {"qk_local": 1, "ov_sharded": 1, "o_sign_gather": 1, "muon_owner": 2},
     ),
     "mha_per_head_o": (  # hybrid=False: the O legs' Gram restart is a second all_reduce
@@ -162,7 +164,7 @@ CASES = {
         {"hybrid": False},
         {},
         LOCAL_QK,
-        {"all_reduce": 3, "all_to_all": 4},
+        {"all_reduce": 4, "all_to_all": 4},
         {"qk_local": 1, "ov_sharded": 1, "muon_owner": 2},
     ),
     "o_sign_sharded": (  # Newton-Schulz on the sharded width: its norm + 8 Grams all-reduced
@@ -170,7 +172,7 @@ CASES = {
         {},
         {"o_sign": "sharded"},
         LOCAL_QK,
-        {"all_reduce": 11, "all_to_all": 4},
+        {"all_reduce": 12, "all_to_all": 4},
         {"qk_local": 1, "ov_sharded": 1, "o_sign_sharded": 1, "muon_owner": 2},
     ),
     "joint_and_connection": (  # QK stays local; OV with a connection is gathered
@@ -178,7 +180,7 @@ CASES = {
         {"method": "joint", "connection": "frobenius"},
         {},
         LOCAL_QK + ("v_proj", "o_proj"),
-        {"all_reduce": 1, "all_gather": 1, "all_to_all": 4},
+        {"all_reduce": 2, "all_gather": 1, "all_to_all": 4},
         {"qk_local": 1, "gather": 1, "muon_owner": 2},
     ),
     "renorm_gathered": (  # per_mat_renorm needs norms over every head: both pairs gathered
@@ -186,7 +188,7 @@ CASES = {
         {"per_mat_renorm": True},
         {},
         LOCAL_QK + ("v_proj", "o_proj"),
-        {"all_reduce": 1, "all_gather": 2, "all_to_all": 4},
+        {"all_reduce": 2, "all_gather": 2, "all_to_all": 4},
         {"gather": 2, "muon_owner": 2},
     ),
     "fused_mha": (  # nn.MultiheadAttention's in_proj: gathered (bit for bit)
@@ -194,7 +196,7 @@ CASES = {
         {},
         {},
         LOCAL_QK + ("mha",),
-        {"all_reduce": 2, "all_gather": 2, "all_to_all": 4},
+        {"all_reduce": 3, "all_gather": 2, "all_to_all": 4},
         {"qk_local": 1, "ov_sharded": 1, "o_sign_gather": 1, "gather": 1, "muon_owner": 2},
     ),
 }
@@ -215,7 +217,7 @@ def test_unaligned_heads_fall_back_to_gathering():
     _check(
         results,
         LOCAL_QK + ("v_proj", "o_proj"),
-        {"all_reduce": 1, "all_gather": 2, "all_to_all": 4},
+        {"all_reduce": 2, "all_gather": 2, "all_to_all": 4},
         {"gather": 2, "muon_owner": 2},
     )
 

@@ -55,3 +55,19 @@ def test_what_the_fused_path_does_not_cover_runs_the_general_pipeline():
         assert not fusable(resolve_options(CMOptions(eta=0.1, **change), torch.device("cpu")),
                            16, 64, 64)  # fmt: skip
     assert not fusable(base, 16, 24, 64)  # d < 2 dh: Gram form is not the cheaper one
+
+
+def test_a_root_shared_by_every_head_is_read_per_head():
+    # Multi-query (one KV head): the shared factor's root (B, 1, dh, dh) serves every query
+    # head. The kernels read it by index; the reference phases must repeat it (it once
+    # crashed in bmm when a phase of the kernel backend fell to the reference).
+    from cm_triton.reference import phases as ref
+    from cm_triton.schedules import POLAR_EXPRESS_8
+
+    s = torch.randn(2, 3, 8, 20, dtype=torch.float64)
+    s = s @ s.mT
+    root = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    root = root @ root.mT + torch.eye(8, dtype=torch.float64)
+    got = ref.first_maps(s, root, POLAR_EXPRESS_8[:3])
+    want = ref.first_maps(s, root.expand(2, 3, 8, 8), POLAR_EXPRESS_8[:3])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

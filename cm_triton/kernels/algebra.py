@@ -15,7 +15,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cm_triton.kernels.common import DOT_PRECISION, MAX_HEAD_DIM, TUNING, _block, unsupported
+from cm_triton.kernels.common import (
+    DOT_PRECISION,
+    MAX_HEAD_DIM,
+    TUNING,
+    _block,
+    on_device,
+    unsupported,
+)
 from cm_triton.schedules import INV_SQRT_QUINTIC
 from cm_triton.tables import device_constant
 
@@ -196,11 +203,12 @@ def _run_maps(mode: int, s_or_r: Tensor, t: Tensor | None, root: Tensor | None,
     scratch = torch.empty(n, 5, block, block, dtype=torch.float32, device=s_or_r.device)
     coef = device_constant(coefficients or [(1.0, 0.0, 0.0)], torch.float32, s_or_r.device)
     warps, block_m, block_k = TUNING["maps"][block]
-    _maps_kernel[(n,)](
-        src, rootp, tin, tt, rr, scratch, coef, 0, len(coefficients), r, n // roots,
-        MODE=mode, HAS_ROOT=root is not None, BLOCK_R=block, BLOCK_M=block_m, BLOCK_K=block_k,
-        PRECISION=DOT_PRECISION, num_warps=warps,
-    )  # fmt: skip
+    with on_device(s_or_r):
+        _maps_kernel[(n,)](
+            src, rootp, tin, tt, rr, scratch, coef, 0, len(coefficients), r, n // roots,
+            MODE=mode, HAS_ROOT=root is not None, BLOCK_R=block, BLOCK_M=block_m, BLOCK_K=block_k,
+            PRECISION=DOT_PRECISION, num_warps=warps,
+        )  # fmt: skip
     return tt[:, :r, :r].reshape(shape), rr[:, :r, :r].reshape(shape)
 
 
@@ -266,9 +274,10 @@ def inv_sqrt(a: Tensor, method: str = "newton", floor: float = 0.0) -> Tensor:
     scratch = torch.empty(n, 4, block, block, dtype=torch.float32, device=a.device)
     coef = device_constant(INV_SQRT_QUINTIC, torch.float32, a.device)
     warps, block_m, block_k = TUNING["maps"][block]
-    _inv_sqrt_kernel[(n,)](
-        ap, z, scratch, coef, len(INV_SQRT_QUINTIC), r,
-        BLOCK_R=block, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=DOT_PRECISION,
-        num_warps=warps,
-    )  # fmt: skip
+    with on_device(a):
+        _inv_sqrt_kernel[(n,)](
+            ap, z, scratch, coef, len(INV_SQRT_QUINTIC), r,
+            BLOCK_R=block, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=DOT_PRECISION,
+            num_warps=warps,
+        )  # fmt: skip
     return z[:, :r, :r].reshape(a.shape)

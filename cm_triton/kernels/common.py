@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 from torch import Tensor
@@ -69,3 +71,9 @@ def _chunk(b: int, h: int, n: int, block_n: int) -> int:
     """Columns per program: enough programs to fill the machine, whole tiles each."""
     chunks = max(1, min(triton.cdiv(n, block_n), triton.cdiv(TARGET_PROGRAMS, b * h)))
     return triton.cdiv(triton.cdiv(n, chunks), block_n) * block_n
+
+
+def on_device(x: Tensor):
+    """Launch on ``x``'s GPU: Triton launches on the current device, which need not be the
+    tensors' (a model spread over GPUs, ``device_map="auto"``)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()

@@ -29,7 +29,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cm_triton.kernels.common import DOT_PRECISION, TUNING, _chunk, streams_take, unsupported
+from cm_triton.kernels.common import (
+    DOT_PRECISION,
+    TUNING,
+    _chunk,
+    on_device,
+    streams_take,
+    unsupported,
+)
 from cm_triton.reference.phases import group_size
 from cm_triton.tables import LayerRows, device_constant, stride_offsets
 
@@ -203,14 +210,14 @@ def _grams(x0: Tensor, x1: Tensor, x2: Tensor | None, coef: tuple[float, ...],
     scales, scale_sb = _per_entry("scale", scale, b, x0.device)
     ops = [_operand(x) for x in (x0, x1, x1 if x2 is None else x2, x1 if m_out is None else m_out)]
     nq = len(pairs) * kb * kb
-    _gram_kernel[(b * h * c * nq,)](
-        *(o[0] for o in ops), *(o[1] for o in ops), grams, table, scales, scale_sb,
-        *(float(v) for v in coef), h, r, n, c, chunk, kb, nq, *(s for o in ops for s in o[3:]),
-        HAS_X2=x2 is not None, WRITE_M=m_out is not None, SAME=same, ALIGNED=all(o[2] for o in ops),
-        BLOCK_R=block_r,
-        BLOCK_N=block_n,
-        PRECISION=DOT_PRECISION, num_warps=warps,
-    )  # fmt: skip
+    with on_device(x0):
+        _gram_kernel[(b * h * c * nq,)](
+            *(o[0] for o in ops), *(o[1] for o in ops), grams, table, scales, scale_sb,
+            *(float(v) for v in coef), h, r, n, c, chunk, kb, nq, *(s for o in ops for s in o[3:]),
+            HAS_X2=x2 is not None, WRITE_M=m_out is not None, SAME=same,
+            ALIGNED=all(o[2] for o in ops), BLOCK_R=block_r, BLOCK_N=block_n,
+            PRECISION=DOT_PRECISION, num_warps=warps,
+        )  # fmt: skip
     full = grams.sum(2)[:, :, :r, :r]  # fixed-order sum over the chunks: deterministic
     return list(full.reshape(len(pairs), b, h, r, r).unbind(0))
 
@@ -386,17 +393,18 @@ def _launch_maps(mode: int, w: Tensor, t: Tensor | None, t_w: Tensor | None, g: 
         grams = torch.empty(b * h, c, rp, rp, dtype=torch.float32, device=m.device)
         out = m
     ops = [_operand(x) for x in (w, out, g, m)]
-    _map_kernel[(b * h * c * blocks,)](
-        *(o[0] for o in ops), *(o[1] for o in ops), tp, twp, tp if steps is None else steps,
-        step_val, step_sb,
-        grams if grams is not None else tp, float(decay), float(beta), h, r, n, c, chunk, kb,
-        blocks, gt,
-        *(s for o in ops for s in o[3:]), MODE=mode, HAS_TW=t_w is not None,
-        HAS_W=mode != 1 and decay != 0.0, STEP_PTR=steps is not None,
-        NESTEROV=bool(nesterov), ONE_BLOCK=kb == 1, ALIGNED=all(o[2] for o in ops), BLOCK_R=block_r,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k, PRECISION=DOT_PRECISION, num_warps=warps,
-    )  # fmt: skip
+    with on_device(m):
+        _map_kernel[(b * h * c * blocks,)](
+            *(o[0] for o in ops), *(o[1] for o in ops), tp, twp, tp if steps is None else steps,
+            step_val, step_sb,
+            grams if grams is not None else tp, float(decay), float(beta), h, r, n, c, chunk, kb,
+            blocks, gt,
+            *(s for o in ops for s in o[3:]), MODE=mode, HAS_TW=t_w is not None,
+            HAS_W=mode != 1 and decay != 0.0, STEP_PTR=steps is not None,
+            NESTEROV=bool(nesterov), ONE_BLOCK=kb == 1, ALIGNED=all(o[2] for o in ops),
+            BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=DOT_PRECISION,
+            num_warps=warps,
+        )  # fmt: skip
     if mode == 1:
         return grams.sum(1)[:, :r, :r].reshape(b, h, r, r)
     return out

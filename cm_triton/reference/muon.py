@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from cm_triton.reference.legs import use_gram
-from cm_triton.reference.phases import PhaseOps
+from cm_triton.reference.phases import PhaseOps, scaled_maps
 from cm_triton.reference.primitives import compute_dtype, msign
 
 __all__ = ["muon_shape_factor", "muon_direction", "muon_update", "muon_gram_update"]
@@ -54,6 +54,7 @@ def muon_update(
     transposed: bool = False,
     msign_fn=msign,
     ops: PhaseOps | None = None,
+    scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Muon on ``(B, ..., rows, cols)`` stacks (a 3-D parameter is a batch of matrices), out
     of place: nesterov momentum ``m' = mom m + g``, one msign per matrix of ``g + mom m'``,
@@ -61,26 +62,33 @@ def muon_update(
     ``(in, out)``, as GPT-2's ``Conv1D``) -> ``(w', m')`` in ``w``'s and ``m``'s dtypes.
 
     ``ops``: a batch of matrices ``(B, rows, cols)`` whose sign is taken in Gram form runs
-    through these phases (``muon_gram_update``: a stream and an apply pass, as CM's legs)."""
+    through these phases (``muon_gram_update``: a stream and an apply pass, as CM's legs).
+    ``scale (B,)``: the power of two the update is scaled by before its sign
+    (``phases.direction_scale``; the sign does not depend on it, its fp32 Grams do)."""
     rows, cols = w.shape[-2:]
-    scale = muon_shape_factor(cols, rows) if transposed else muon_shape_factor(rows, cols)
+    shape = muon_shape_factor(cols, rows) if transposed else muon_shape_factor(rows, cols)
     decay = 1 - lr * weight_decay
     if ops is not None and w.dim() == 3 and use_gram(rows, cols, method):
-        return muon_gram_update(w, g, m, momentum, decay, lr * scale, coefficients, restart, ops)
+        return muon_gram_update(w, g, m, momentum, decay, lr * shape, coefficients, restart, ops,
+                                scale)  # fmt: skip
     # Each product below is a new tensor of this function's, finished in place: the same
     # arithmetic as `m * momentum + g` etc. with one allocation per result (on the CPU each
     # allocation of a large stack faults in fresh pages: `primitives._buffers`).
     m_new = (m * momentum).add_(g)
     update = (m_new * momentum).add_(g)
     cdt = compute_dtype(w.dtype)
-    flat = update.to(cdt).reshape(-1, *update.shape[-2:])
+    flat = update.to(cdt)
+    if scale is not None:
+        flat = flat * scale.view(-1, *[1] * (flat.dim() - 1))
+    flat = flat.reshape(-1, *update.shape[-2:])
     o = muon_direction(flat, coefficients, dtype, method, restart, msign_fn).view(update.shape)
-    return (w * decay).sub_(o.mul(lr * scale)).to(w.dtype), m_new
+    return (w * decay).sub_(o.mul(lr * shape)).to(w.dtype), m_new
 
 
 def muon_gram_update(
     w: Tensor, g: Tensor, m: Tensor, beta: float, decay: float, step: float,
     coefficients: Sequence[tuple[float, float, float]], restart: int, ops: PhaseOps,
+    scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Gram-form Muon through the phases of a CM leg (spec §2.1, §2.2): ``(B, rows, cols)``
     -> ``(w', m')``, each matrix one leg of one head on its short side (a tall matrix is read
@@ -100,11 +108,11 @@ def muon_gram_update(
         return x.mT if tall else x
 
     wl, gl, ml = leg(w), leg(g), leg(m)
-    m_new, grams = ops.stream_grams(wl, gl, ml, beta, True, ("dd",))
+    m_new, grams = ops.stream_grams(wl, gl, ml, beta, True, ("dd",), scale)
     first = tuple(coefficients[:restart]) if 0 < restart < len(coefficients) else ()
     t, r = ops.first_maps(grams["dd"], None, first)
     if first:
-        r = ops.restart_gram(t, gl, m_new, beta, True)
+        r = ops.restart_gram(scaled_maps(t, scale), gl, m_new, beta, True)
     t, _ = ops.last_maps(r, t, None, tuple(coefficients[len(first) :]))
-    w_new = ops.apply_update(wl, t, gl, m_new, beta, True, decay, step)
+    w_new = ops.apply_update(wl, scaled_maps(t, scale), gl, m_new, beta, True, decay, step)
     return back(w_new).to(w.dtype), back(m_new).to(m.dtype)

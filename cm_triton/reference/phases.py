@@ -32,19 +32,23 @@ from cm_triton.reference.legs import apply_blocks, block_diag, block_traces, gra
 from cm_triton.reference.primitives import gram_polynomial, inv_sqrt, msign
 
 __all__ = ["PhaseOps", "REFERENCE_PHASES", "fusable", "gram_pair_step", "leg_update",
-           "hybrid_update", "partner_roots_from_grams", "whitened_sign"]  # fmt: skip
+           "hybrid_update", "partner_roots_from_grams", "whitened_sign", "direction_scale",
+           "entries", "scaled_maps"]  # fmt: skip
 
 Reduce = Callable[[Tensor], Tensor]
 Coefficients = Sequence[tuple[float, float, float]]
 
 
 def trace(x: Tensor) -> Tensor:
-    """``(..., m, m) -> (...)``, as a product with a ones vector: a matmul evaluates each slice
-    the same way whatever the batch around it, where a strided ``sum`` picks its reduction
-    order from the whole shape (so a pair's heads on one rank match the single-process step
-    bit for bit)."""
-    ones = torch.ones(x.shape[-1], 1, dtype=x.dtype, device=x.device)
-    return (x.diagonal(dim1=-2, dim2=-1).unsqueeze(-2) @ ones)[..., 0, 0]
+    """``(..., m, m) -> (...)``, as a batched product with a ones vector: ``bmm`` evaluates
+    each slice the same way whatever the batch around it, where a strided ``sum`` picks its
+    reduction order from the whole shape, and a broadcast ``matmul`` folds the batch into one
+    matrix-vector product whose path depends on its height (torch 2.15): so a pair's heads on
+    one rank, or one layer of a batch, match the single-process step bit for bit."""
+    m = x.shape[-1]
+    d = x.diagonal(dim1=-2, dim2=-1).reshape(-1, 1, m)
+    ones = torch.ones(1, m, 1, dtype=x.dtype, device=x.device).expand(d.shape[0], m, 1)
+    return torch.bmm(d, ones).reshape(x.shape[:-2])
 
 
 def _direction(g: Tensor, m_new: Tensor, beta: float, nesterov: bool) -> Tensor:
@@ -54,26 +58,58 @@ def _direction(g: Tensor, m_new: Tensor, beta: float, nesterov: bool) -> Tensor:
 GRAMS = ("ww", "dd", "wd", "wm")
 
 
+def entries(scale: Tensor | None) -> Tensor | float:
+    """A per-batch-entry ``(B,)`` scale as ``(B, 1, 1, 1)`` (None: 1.0)."""
+    return 1.0 if scale is None else scale.view(-1, 1, 1, 1)
+
+
+def scaled_maps(maps: Tensor, scale: Tensor | None) -> Tensor:
+    """``(B, H, r, r)`` maps (or grouped) times a per-entry scale (None: themselves)."""
+    return maps if scale is None else maps * scale.view(-1, 1, 1, 1)
+
+
+def direction_scale(*amax: Tensor) -> Tensor:
+    """The power of two ``s`` per batch entry that brings the largest magnitude of a pair's
+    gradients and momentum into [1/2, 1): ``(B,)`` each -> ``(B,)`` (1 where all are zero or
+    one is not finite).
+
+    CM's and Muon's directions do not depend on the gradient's scale, but their fp32 Grams do:
+    a gradient of 1e19 overflows ``D D^T``, one of 1e-20 underflows it. So the stream takes
+    the Grams of ``s D`` (and ``s m``), and every map applied to ``D`` itself carries ``s``:
+    ``T D = (s T_s) D`` with ``T_s`` the map of ``s D``. A power of two is exact in binary
+    floating point, so only msign's guard ``1e-7`` sees the scale: it now guards a direction
+    of norm ~1 (an all-zero one), whatever the gradient's magnitude (spec §2, step 2).
+    """
+    a = torch.stack(amax).amax(0)
+    _, e = torch.frexp(a)  # a = f 2^e, f in [1/2, 1)
+    s = torch.ldexp(torch.ones_like(a), -e.clamp(-126, 126))
+    return torch.where(torch.isfinite(a) & (a > 0), s, torch.ones_like(a))
+
+
 def stream_grams(
     w: Tensor, g: Tensor, m: Tensor, beta: float, nesterov: bool,
-    want: tuple[str, ...] = ("ww", "dd"),
+    want: tuple[str, ...] = ("ww", "dd"), scale: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
     """Phase A: ``(w, g, m) (B, H, R, n) -> (m_new, Grams)``, one read of each.
 
     ``want`` names the ``(B, H, R, R)`` Grams among ``GRAMS``: ``ww = W W^T``,
-    ``dd = D D^T``, ``wd = W D^T``, ``wm = W m_new^T`` (``D`` the direction of spec §3).
+    ``dd = D D^T``, ``wd = W D^T``, ``wm = W m_new^T`` (``D`` the direction of spec §3),
+    with ``D`` and ``m_new`` times ``scale`` (``(B,)``, ``direction_scale``; None: 1) in them.
     """
     m_new = beta * m + g
     d = _direction(g, m_new, beta, nesterov)
-    forms = {"w": w, "d": d, "m": m_new}
+    s = entries(scale)
+    forms = {"w": w, "d": d if scale is None else d * s, "m": m_new}
+    if "wm" in want and scale is not None:
+        forms["m"] = m_new * s
     return m_new, {k: forms[k[0]] @ forms[k[1]].mT for k in want}
 
 
 def stream(
-    w: Tensor, g: Tensor, m: Tensor, beta: float, nesterov: bool
+    w: Tensor, g: Tensor, m: Tensor, beta: float, nesterov: bool, scale: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Phase A of the default flags: ``-> (m_new, W W^T, D D^T)``."""
-    m_new, grams = stream_grams(w, g, m, beta, nesterov)
+    """Phase A of the default flags: ``-> (m_new, W W^T, D D^T)`` (``D`` times ``scale``)."""
+    m_new, grams = stream_grams(w, g, m, beta, nesterov, scale=scale)
     return m_new, grams["ww"], grams["dd"]
 
 
@@ -91,8 +127,9 @@ def _flat(x: Tensor) -> Tensor:
 
 def group_size(maps: Tensor | None, heads: int) -> int:
     """How many of ``heads`` heads share each map of ``maps (B, Hkv, r, r)``: ``heads // Hkv``
-    for a KV group's shared maps, 1 for per-head ones (or None, or ones that broadcast)."""
-    if maps is None or maps.dim() < 3 or maps.shape[-3] in (1, heads):
+    for a KV group's shared maps (one KV head: every head shares it), 1 for per-head ones (or
+    None)."""
+    if maps is None or maps.dim() < 3 or maps.shape[-3] == heads:
         return 1
     return heads // maps.shape[-3]
 
@@ -244,22 +281,24 @@ def partner_roots_from_grams(
 def leg_update(
     w: Tensor, gr: Tensor, m_new: Tensor, s_gram: Tensor, root: Tensor | None,
     opts: CMOptions, budget: float, ops: PhaseOps = REFERENCE_PHASES,
-    reduce: Reduce | None = None,
+    reduce: Reduce | None = None, scale: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """Phases B1, A2, B2 and C of per-head legs: ``W <- decay W - eta b post msign(pre D)``
     with ``b = budget`` (``CMOptions.budgets``).
 
     Shapes: ``w, gr, m_new (B, H, dh, n)``; ``s_gram = D D^T`` and ``root (B, H, dh, dh)``.
-    ``reduce``: applied to the restart's Gram (a sum over the width).
+    ``reduce``: applied to the restart's Gram (a sum over the width). ``scale`` (``(B,)`` or
+    None): ``s_gram`` is the Gram of ``scale D``; the maps onto ``D`` carry it.
     """
     pre = root if opts.whitening in ("both", "pre") else None
     post = root if opts.whitening in ("both", "post") else None
     first, rest = opts.ns_coefficients[: opts.ns_restart], opts.ns_coefficients[opts.ns_restart :]
     t, r = ops.first_maps(s_gram, pre, first)
     if first:
-        r = ops.restart_gram(t, gr, m_new, opts.beta, opts.nesterov)
+        r = ops.restart_gram(scaled_maps(t, scale), gr, m_new, opts.beta, opts.nesterov)
         r = r if reduce is None else reduce(r)
     t, uu = ops.last_maps(r, t, post, rest)
+    t = scaled_maps(t, scale)  # the map of D itself
     step = opts.eta * budget
     if opts.per_mat_renorm:  # no pass over Delta needed: both norms from U U^T
         step = step * renorm_factor(post_norm_sq(uu, post).clamp_min(0).sqrt(), trace(uu))
@@ -270,18 +309,23 @@ def leg_update(
 def hybrid_update(
     w: Tensor, gr: Tensor, m_new: Tensor, root: Tensor | None, opts: CMOptions,
     sign: Callable[[Tensor], Tensor], ops: PhaseOps = REFERENCE_PHASES,
+    scale: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """The hybrid O leg (spec §4.2): one Newton-Schulz ``sign`` over all heads of each batch
     entry, whitened per head. Shapes: ``w, gr, m_new (B, Hq, dh, n)``, ``root (B, Hq, dh, dh)``
     (or grouped, ``per_head``); ``sign: (B, Hq*dh, n) -> (B, Hq*dh, n)``. The whitening
-    products are apply passes (``root D``, ``root U``: decay 0, step -1)."""
+    products are apply passes (``root D``, ``root U``: decay 0, step -1). The sign's operand
+    is formed from ``scale D`` (``direction_scale``; None: 1)."""
     b, hq, dh, _ = w.shape
     pre = opts.whitening in ("both", "pre") and root is not None
     post = opts.whitening in ("both", "post") and root is not None
+    s = entries(scale)
     if pre:
-        x = ops.apply_update(m_new, root, gr, m_new, opts.beta, opts.nesterov, 0.0, -1.0)
+        x = ops.apply_update(m_new, scaled_maps(root, scale), gr, m_new, opts.beta, opts.nesterov,
+                             0.0, -1.0)  # fmt: skip
     else:
         x = _direction(gr, m_new, opts.beta, opts.nesterov)
+        x = x if scale is None else x * s
     u = sign(x.reshape(b, hq * dh, -1))
     u4 = u.view(w.shape)
     delta = ops.apply_update(u4, root, u4, u4, 0.0, False, 0.0, -1.0) if post else u4
@@ -296,24 +340,25 @@ def hybrid_update(
 def gram_pair_step(
     p: Tensor, s: Tensor, gp: Tensor, gs: Tensor, mp: Tensor, ms: Tensor, opts: CMOptions,
     hybrid: bool = False, ops: PhaseOps = REFERENCE_PHASES, msign_fn=msign,
+    scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """``reference.rule.pair_step`` for a ``fusable`` pair, phase by phase.
 
     Shapes as ``pair_step``: ``p, gp, mp (B, Hq, dh, w_p); s, gs, ms (B, Hkv, dh, w_s)``.
     """
-    mp_new, a_p, s_p = ops.stream(p, gp, mp, opts.beta, opts.nesterov)
-    ms_new, a_s, s_s = ops.stream(s, gs, ms, opts.beta, opts.nesterov)
+    mp_new, a_p, s_p = ops.stream(p, gp, mp, opts.beta, opts.nesterov, scale)
+    ms_new, a_s, s_s = ops.stream(s, gs, ms, opts.beta, opts.nesterov, scale)
     root_p, root_s = partner_roots_from_grams(a_p, a_s, opts, ops, ops.bytes_bound)
     b_p, b_s = opts.budgets(p.shape[1] // s.shape[1])
-    s_new = leg_update(s, gs, ms_new, s_s, root_s, opts, b_s, ops)
+    s_new = leg_update(s, gs, ms_new, s_s, root_s, opts, b_s, ops, scale=scale)
     if hybrid:  # one Newton-Schulz sign over every P head (the whole o_w)
 
         def sign(x: Tensor) -> Tensor:
             return msign_fn(x, opts.ns_coefficients, opts.ns_dtype, "ns", 0)
 
-        p_new = hybrid_update(p, gp, mp_new, root_p, opts, sign, ops)
+        p_new = hybrid_update(p, gp, mp_new, root_p, opts, sign, ops, scale)
     else:
-        p_new = leg_update(p, gp, mp_new, s_p, root_p, opts, b_p, ops)
+        p_new = leg_update(p, gp, mp_new, s_p, root_p, opts, b_p, ops, scale=scale)
     return p_new, s_new, mp_new, ms_new
 
 

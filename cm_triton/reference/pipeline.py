@@ -43,6 +43,7 @@ from cm_triton.reference.phases import (
     fusable,
     gram_pair_step,
     partner_roots_from_grams,
+    scaled_maps,
 )
 from cm_triton.reference.primitives import msign
 
@@ -159,26 +160,30 @@ def _reprojected(grams: dict, e: Tensor, c: float) -> dict:
     return out
 
 
-def _gram_sign(grams: dict, pre, post, w, gr, m_new, e, c, opts: CMOptions, ops: PhaseOps) -> _Sign:
-    """Phases B1, A2, B2 of one leg: the sign as ``T`` with ``Delta = T D''``."""
+def _gram_sign(grams: dict, pre, post, w, gr, m_new, e, c, scale, opts: CMOptions,
+               ops: PhaseOps) -> _Sign:  # fmt: skip
+    """Phases B1, A2, B2 of one leg: the sign as ``T`` with ``Delta = T D''`` (``D''`` the
+    scaled direction ``s D + c E W``: ``grams`` and ``e`` are of it, see ``general_pair_step``)."""
     first, rest = opts.ns_coefficients[: opts.ns_restart], opts.ns_coefficients[opts.ns_restart :]
     t, r = ops.first_maps(grams["dd"], pre, first)
     if first:  # the restart's pass: X = T_r D'' formed (never stored), its Gram
         t_w = None if e is None else c * (t @ e)
-        r = ops.restart_gram(t, gr, m_new, opts.beta, opts.nesterov, w=w, t_w=t_w)
+        r = ops.restart_gram(scaled_maps(t, scale), gr, m_new, opts.beta, opts.nesterov, w=w,
+                             t_w=t_w)  # fmt: skip
     t0, uu = ops.last_maps(r, t, None, rest)
     return _Sign(t=t0 if post is None else post @ t0, uu=uu, post=post)
 
 
 def _explicit_sign(
-    pre, post, w, gr, m_new, e, c, whole: bool, opts: CMOptions, ops: PhaseOps, msign_fn
+    pre, post, w, gr, m_new, e, c, scale, whole: bool, opts: CMOptions, ops: PhaseOps, msign_fn
 ) -> _Sign:
     """The sign formed by a pass (``X = pre D''``) and iterated: per leg head, or over every
     row of the leg at once (``whole``: the hybrid O sign, spec §4.2/§4.5)."""
     b, h, r, n = w.shape
     lift = _eye(w) if pre is None else pre
     t_w = None if e is None else c * (lift @ e)
-    x = ops.apply_update(w, lift, gr, m_new, opts.beta, opts.nesterov, 0.0, -1.0, t_w=t_w)
+    x = ops.apply_update(w, scaled_maps(lift, scale), gr, m_new, opts.beta, opts.nesterov, 0.0,
+                         -1.0, t_w=t_w)  # fmt: skip
     flat = x.reshape(b, h * r, n) if whole else x.reshape(b * h, r, n)
     u = msign_fn(flat, opts.ns_coefficients, opts.ns_dtype, "ns", 0)
     return _Sign(u=u.reshape(b, h, r, n).to(x.dtype), post=post)
@@ -187,8 +192,14 @@ def _explicit_sign(
 def general_pair_step(
     p: Tensor, s: Tensor, gp: Tensor, gs: Tensor, mp: Tensor, ms: Tensor, opts: CMOptions,
     hybrid: bool = False, ops: PhaseOps = REFERENCE_PHASES, msign_fn: Callable = msign,
+    scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """``pair_step`` for every flag combination, phase by phase (module docstring)."""
+    """``pair_step`` for every flag combination, phase by phase (module docstring).
+
+    The direction enters the algebra scaled: its Grams are those of ``s D`` (``scale``,
+    ``phases.direction_scale``), the reprojection's ``E`` is that of ``s m`` (so
+    ``D'' = s D + c E W``), and each map onto the stored ``D`` or ``m`` carries ``s``.
+    """
     legs = Legs(opts.method == "joint", p.shape[1], s.shape[1], p.shape[2])
     g = legs.g
     w_l, g_l, m_l = legs.stack(p, s), legs.stack(gp, gs), legs.stack(mp, ms)
@@ -197,7 +208,7 @@ def general_pair_step(
     want = ("ww", "dd") + (("wd",) if connect or reproject else ())
     want += ("wm",) if reproject and opts.nesterov else ()
     # 1. stream
-    streamed = [ops.stream_grams(w, gr, m, opts.beta, opts.nesterov, want)
+    streamed = [ops.stream_grams(w, gr, m, opts.beta, opts.nesterov, want, scale)
                 for w, gr, m in zip(w_l, g_l, m_l)]  # fmt: skip
     mn_l = [x[0] for x in streamed]
     grams = [x[1] for x in streamed]
@@ -217,7 +228,7 @@ def general_pair_step(
     signs = []
     for i, (w, gr, mn, gm) in enumerate(zip(w_l, g_l, mn_l, grams)):
         whole = hybrid and (legs.joint or i == 0)
-        args = (pre_l[i], post_l[i], w, gr, mn, e_l[i], c)
+        args = (pre_l[i], post_l[i], w, gr, mn, e_l[i], c, scale)
         if route(w.shape[-2], w.shape[-1], opts.ns_method, whole) == "gram":
             signs.append(_gram_sign(gm, *args, opts, ops))
         else:
@@ -261,13 +272,16 @@ def general_pair_step(
         if sg.u is None and e is not None:  # D'' = D + c E W: T D'' = T D + c T E W
             a_w = c * (a_d @ e) if a_w is None else a_w + c * (a_d @ e)
         t_w = None if a_w is None else st * a_w
-        if sg.u is None:
-            out = ops.apply_update(w, st * a_d, gr, mn, opts.beta, opts.nesterov, decay, 1.0,
-                                   t_w=t_w)  # fmt: skip
+        if sg.u is None:  # T D'' = (s T) D + c T E W
+            out = ops.apply_update(w, scaled_maps(st * a_d, scale), gr, mn, opts.beta,
+                                   opts.nesterov, decay, 1.0, t_w=t_w)  # fmt: skip
         else:
             out = ops.apply_update(w, st * a_d, sg.u, sg.u, 0.0, False, decay, 1.0, t_w=t_w)
         w_new.append(out)
-        m_new.append(mn if e is None else ops.apply_update(mn, e, w, w, 0.0, False, 1.0, -1.0))
+        if e is not None:  # m'' = m + E W, with E that of s m: E / s (exact)
+            e = e if scale is None else e / scale.view(-1, 1, 1, 1)
+            mn = ops.apply_update(mn, e, w, w, 0.0, False, 1.0, -1.0)
+        m_new.append(mn)
     p_new, s_new = legs.unstack(w_new)
     mp_new, ms_new = legs.unstack(m_new)
     return p_new, s_new, mp_new, ms_new
@@ -282,12 +296,15 @@ def _ratio(u_sq: Tensor, d_sq: Tensor) -> Tensor:
 def pair_step(
     p: Tensor, s: Tensor, gp: Tensor, gs: Tensor, mp: Tensor, ms: Tensor, opts: CMOptions,
     hybrid: bool = False, ops: PhaseOps = REFERENCE_PHASES, msign_fn: Callable = msign,
+    scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """One CM step of B pairs, out of place, in spec §4.9's order, every variant.
 
     Returns ``(p', s', mp', ms')``: new weights and momentum buffers. Flags the default fused
     path covers run ``gram_pair_step``; every other combination ``general_pair_step``.
+    ``scale`` (``(B,)``, ``phases.direction_scale`` of the pair's gradients and momentum, or
+    None): the power of two the direction is scaled by before its Grams.
     """
     if fusable(opts, p.shape[-2], p.shape[-1], s.shape[-1]):
-        return gram_pair_step(p, s, gp, gs, mp, ms, opts, hybrid, ops, msign_fn)
-    return general_pair_step(p, s, gp, gs, mp, ms, opts, hybrid, ops, msign_fn)
+        return gram_pair_step(p, s, gp, gs, mp, ms, opts, hybrid, ops, msign_fn, scale)
+    return general_pair_step(p, s, gp, gs, mp, ms, opts, hybrid, ops, msign_fn, scale)

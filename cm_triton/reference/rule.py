@@ -46,12 +46,14 @@ def momentum_update(m: Tensor, grad: Tensor, beta: float) -> Tensor:
 
 def pair_step(
     p: Tensor, s: Tensor, gp: Tensor, gs: Tensor, mp: Tensor, ms: Tensor, opts: CMOptions,
-    hybrid: bool = False, prims: Primitives = REFERENCE,
+    hybrid: bool = False, prims: Primitives = REFERENCE, scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """One CM step of B pairs, out of place (``reference.pipeline.pair_step``).
 
     Shapes: ``p, gp, mp (B, Hq, dh, d_p); s, gs, ms (B, Hkv, dh, d_s)``, all in the compute
-    dtype; ``opts`` resolved (``ns_method`` and ``inv_root`` concrete). Returns
+    dtype; ``opts`` resolved (``ns_method`` and ``inv_root`` concrete); ``scale (B,)`` the
+    direction's power of two (``phases.direction_scale``) or None. Returns
     ``(p', s', mp', ms')``.
     """
-    return pipeline.pair_step(p, s, gp, gs, mp, ms, opts, hybrid, prims.phases, prims.msign)
+    return pipeline.pair_step(p, s, gp, gs, mp, ms, opts, hybrid, prims.phases, prims.msign,
+                              scale)  # fmt: skip

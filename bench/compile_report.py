@@ -6,7 +6,7 @@
 
 The launches come from the package's own wrappers (``cm_triton.kernels.phases``) called on
 CPU tensors of the layouts the optimizer passes (q/k/v row blocks, transposed o column
-blocks), under ``triton_aot``, which compiles each launch for the target instead of running
+blocks), under ``cm_triton.aot``, which compiles each launch for the target instead of running
 it and reads registers, spills and shared memory from the cubin (``cuobjdump -res-usage``,
 ``ptxas -v``). Head sizes map to a power-of-two block (16, 32, 64, 128: every dh the kernels
 accept; larger heads use the reference), so these blocks cover every head size up to 256.
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
+from cm_triton.aot import aot_compile, limits_for  # noqa: E402
 from cm_triton.kernels import phases as K  # noqa: E402
 from cm_triton.schedules import POLAR_EXPRESS_8  # noqa: E402
-from triton_aot import aot_compile, limits_for  # noqa: E402
 
 BLOCKS = (16, 32, 64, 128)
 MAX_COMPILE_S = 60.0
@@ -165,7 +165,7 @@ def main() -> int:
         "# Compile report: every kernel configuration, sm_90 and sm_80",
         "",
         f"`TRITON_INTERPRET= python bench/compile_report.py`, {time.strftime('%Y-%m-%d')}, "
-        f"triton {__import__('triton').__version__}, no GPU (ahead-of-time, triton_aot); "
+        f"triton {__import__('triton').__version__}, no GPU (ahead-of-time, cm_triton.aot); "
         f"{len(records)} compiles in {time.time() - t0:.0f} s on this 2-core machine.",
         "Gate (the CI test): no spill, shared memory within the target's per-block limit, "
         f"compile under {MAX_COMPILE_S:.0f} s. Programs: for an example launch of 2 x 8 heads "

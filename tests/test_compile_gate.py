@@ -2,7 +2,7 @@
 
 Every kernel configuration of head sizes 64 and 128 (blocks 64, 128: the common heads) is
 compiled ahead of time for sm_90 (H100/H200) and sm_80 (A100) through the package's own launch
-code (``bench/compile_report.py`` on ``triton_aot``), and must not spill, must fit the
+code (``bench/compile_report.py`` on ``cm_triton.aot``), and must not spill, must fit the
 target's shared memory per block, and must compile within 60 s. The full table for every
 block is ``bench/results/compile_report.md``. Runs in a subprocess: this process has
 ``TRITON_INTERPRET=1``, under which Triton compiles nothing.

@@ -167,26 +167,53 @@ def _compare_step(fn, make, shape, flags, dtype=torch.float32, rtol=FP32_RTOL, *
     assert n["gram"] >= 1 and n["map"] >= 1, dict(n)
 
 
-SHAPES = [(3, 3, 16, 37), (4, 2, 16, 37)]
+SHAPES = {"mha": (2, 2, 16, 37), "gqa": (4, 2, 16, 37)}
 QK_FLAGS = list(flag_product())
 OV_FLAGS = list(flag_product(ov=True))
 
 
-# Every combination runs its kernels under the interpreter (~1 s a step on CI's 2 cores), so
-# each flag product runs on one shape: QK's 320 on MHA, OV's 640 on GQA (the shapes the
-# reference-side suites run both of); every combination still asserts its launches.
+# Every combination runs its kernels under the interpreter: QK's 320 on MHA and on GQA (the
+# grouped partner roots meet every flag), OV's 640 on GQA; every combination asserts its
+# stream and apply launches. Two things the flags do not change are cut to what the routes
+# need, as they are most of the interpreter's time (one tl op costs it ~0.5 ms): the partner
+# roots are eigh's (the inverse root is one kernel whatever the flags, its input the partner
+# Gram: test_the_inverse_root_kernel_on_the_flag_shapes checks it on these very Grams), and
+# the schedule is Polar Express's first three steps with the restart after the first (the
+# dh x dh kernels loop over the steps; every route, restart included, still runs; the full
+# schedule runs through every route in the tests below and in test_tables's whole steps).
+FLAG_RUN = {"inv_root": "eigh", "ns_coefficients": POLAR_EXPRESS_8[:3], "ns_restart": 1}
+
+
 @pytest.mark.usefixtures("no_overflow_check")
-@pytest.mark.parametrize("shape", SHAPES[:1], ids=["mha"])
+@pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("flags", QK_FLAGS, ids=[flag_id(f) for f in QK_FLAGS])
 def test_cm_qk_triton_matches_reference_every_flag(shape, flags):
-    _compare_step(cm_qk, qk_tensors, shape, flags)
+    _compare_step(cm_qk, qk_tensors, SHAPES[shape], flags, **FLAG_RUN)
 
 
 @pytest.mark.usefixtures("no_overflow_check")
-@pytest.mark.parametrize("shape", SHAPES[1:], ids=["gqa"])
+@pytest.mark.parametrize("shape", ["gqa"])
 @pytest.mark.parametrize("flags", OV_FLAGS, ids=[flag_id(f) for f in OV_FLAGS])
 def test_cm_ov_triton_matches_reference_every_flag(shape, flags):
-    _compare_step(cm_ov, ov_tensors, shape, flags)
+    _compare_step(cm_ov, ov_tensors, SHAPES[shape], flags, **FLAG_RUN)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_the_inverse_root_kernel_on_the_flag_shapes(kp, shape):
+    # The flag products' partner Grams (q, k, v and o heads, KV groups summed), damped as the
+    # step damps them: the quintic kernel against the reference's quintic and against eigh.
+    hq, hkv, dh, d = SHAPES[shape]
+    q, k = qk_tensors(hq, hkv, dh, d, dtype=torch.float32)[:2]
+    v, o = ov_tensors(hq, hkv, dh, d, dtype=torch.float32)[:2]
+    heads = [q.unflatten(0, (hq, dh)), k.unflatten(0, (hkv, dh)), v.unflatten(0, (hkv, dh)),
+             o.unflatten(1, (hq, dh)).permute(1, 2, 0)]  # fmt: skip
+    grams = [h @ h.mT for h in heads]
+    grams += [g.view(hkv, hq // hkv, dh, dh).sum(1) for g in (grams[0], grams[3])]
+    for a in grams:
+        a = (a + 1e-2 * torch.eye(dh))[None].to(DEVICE)
+        got = kp.inv_sqrt(a, "quintic")
+        assert _rel(got, ref.inv_sqrt(a, "quintic")) < FP32_RTOL
+        assert _rel(got, ref.inv_sqrt(a, "eigh")) < FP32_RTOL
 
 
 # Joint's Gram route: a group of (G+1) dh rows at most half the width (the shapes above take
@@ -244,7 +271,7 @@ def test_int32_offsets_stay_inside_one_head_at_a_70b_shape():
     # Muon matrix a leg of 8192 rows, its short side, read transposed). Meta tensors: shapes
     # and strides only, nothing allocated. What grows with the launch passes 2^31 (a batch
     # entry's offset, a scratch block's) and is int64 in every kernel (the compile gate reads
-    # the TTIR: triton_aot.narrow_program_offsets); what the kernels keep in int32 is one
+    # the TTIR: cm_triton.aot.narrow_program_offsets); what the kernels keep in int32 is one
     # tile's offset inside one head, which must fit for these shapes.
     from cm_triton.kernels.common import INT32_MAX, streams_take, tile_extent
 

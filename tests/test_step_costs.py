@@ -88,7 +88,7 @@ def test_a_steady_step_builds_no_tensor_from_host_data(kw):
     # rewritten each step, still without host data. Before: 25 per step on this model.
     if kw.get("backend") == "triton" and not triton_available():
         pytest.skip("triton is not installed")
-    costs = step_costs(Llama(n=2, d=64, hq=4, hkv=2), _cm(**kw))
+    costs = step_costs(Llama(n=2, d=32, hq=4, hkv=2), _cm(**kw))
     assert costs.built == {}, costs.built
 
 
@@ -105,13 +105,13 @@ def test_kernel_launches_per_step_do_not_grow_with_depth():
     # backend="triton": each batch's passes are one launch over all of its layers (the
     # kernels read layer l at first + offsets[l]), so a deeper model launches the same.
     # Gradients kept in place (one layer's offsets cannot move, two layers' can).
-    one, two = (step_costs(Llama(n=n, d=64, hq=4, hkv=2), _cm(backend="triton"),
+    one, two = (step_costs(Llama(n=n, d=32, hq=4, hkv=2), _cm(backend="triton"),
                            moving_grads=False) for n in (1, 2))  # fmt: skip
     assert one.triton == two.triton and one.launches == two.launches, (one, two)
     assert one.triton["gram"] >= 1 and one.triton["map"] >= 1, one.triton
     # Gradients made anew each step move: each gradient operand read in place rewrites its
     # offsets table on the device, two launches (zero_, _foreach_add_) whatever the depth.
-    moved = step_costs(Llama(n=2, d=64, hq=4, hkv=2), _cm(backend="triton"))
+    moved = step_costs(Llama(n=2, d=32, hq=4, hkv=2), _cm(backend="triton"))
     tables = sum(op == "g" for b in moved.optimizer._plan.batches for _, op in b.tables)
     assert tables > 0 and moved.launches == two.launches + 2 * tables, (moved, two, tables)
 

@@ -1,4 +1,4 @@
-"""``triton_aot``, the ahead-of-time compile harness: its parsers and occupancy arithmetic.
+"""``cm_triton.aot``, the ahead-of-time compile harness: its parsers and occupancy arithmetic.
 
 The compile itself is exercised by ``tests/test_compile_gate.py`` (a subprocess: this process
 runs under ``TRITON_INTERPRET=1``, where Triton compiles nothing). Every expected number here
@@ -16,9 +16,9 @@ pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not in
 
 @pytest.fixture(scope="module")
 def aot():
-    import triton_aot
+    from cm_triton import aot as harness
 
-    return triton_aot
+    return harness
 
 
 def test_res_usage_reads_each_function_and_ignores_banners(aot):

@@ -52,7 +52,13 @@ def _child_compile(
         with open(progress, "a") as f:
             f.write(f"{what} {name} {time.perf_counter() - t0:.3f}\n")
 
-    def inspect_stages(backend: Any, stages: dict, options: Any, language: Any, cap: Any) -> None:
+    def inspect_stages(*args: Any) -> Any:
+        # Triton 3.6 calls it as (backend, stages, options, language, capability) when the
+        # stages are made; Triton 3.7+ also calls it with no argument for a (key, hash) to
+        # add to the compile's cache key.
+        if not args:
+            return "cm_triton.aot:timed", "cm_triton.aot:timed"
+        stages = args[1]
         for name, fn in list(stages.items()):
             stages[name] = _timed_stage(name, fn, stage_s, log, mark)
 

@@ -135,9 +135,16 @@ def data_label(data: str | None, corpus: str) -> str:
     return f"{Path(data).name}-{digest}"
 
 
+TRAIN_DEFAULTS = {"schedule": "constant", "warmup": 0.0, "cooldown": 0.2, "weight_decay": 0.0}
+
+
 def run_key(name: str, lr: float, seed: int, cfg: dict) -> str:
-    return (f"{name}-lr{lr!r}-seed{seed}-steps{cfg['steps']}-every{cfg['eval_every']}-"
-            f"{cfg['label']}-{cfg['size']}")  # fmt: skip
+    key = (f"{name}-lr{lr!r}-seed{seed}-steps{cfg['steps']}-every{cfg['eval_every']}-"
+           f"{cfg['label']}-{cfg['size']}")  # fmt: skip
+    train = cfg.get("train", {})  # schedule and weight decay: only where they differ from
+    if train and train != TRAIN_DEFAULTS:  # constant, no decay, so older runs' keys hold
+        key += "-" + "-".join(f"{k}{v}" for k, v in sorted(train.items()))
+    return key
 
 
 def run_one(job: tuple[str, float, int, dict]) -> dict:
@@ -154,6 +161,8 @@ def run_one(job: tuple[str, float, int, dict]) -> dict:
     torch.set_num_threads(cfg["threads"])
     argv = ["--optimizer", name, "--lr", repr(lr), "--seed", str(seed), "--size", cfg["size"],
             "--steps", str(cfg["steps"]), "--eval-every", str(cfg["eval_every"])]  # fmt: skip
+    for k, v in cfg.get("train", {}).items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
     args = demo.parse_args(argv)
     block = demo.SIZES[cfg["size"]].block_size
     train_data, val_data = demo.load_bytes(cfg["data"], block, cfg["corpus"])
@@ -433,6 +442,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid", type=_grid, action="append", default=[], metavar="NAME=LR,LR",
                    help="replace one optimizer's lr grid (repeatable)")  # fmt: skip
     p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--schedule", default="constant", choices=demo.SCHEDULES)
+    p.add_argument("--warmup", type=float, default=0.0, help="a fraction of --steps")
+    p.add_argument("--cooldown", type=float, default=0.2, help="wsd: a fraction of --steps")
+    p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--sweep-seed", type=int, default=99)
@@ -465,7 +478,9 @@ def main(argv: list[str] | None = None) -> dict:
     label = data_label(args.data, args.corpus)
     cfg = {"steps": args.steps, "eval_every": args.eval_every, "threads": args.threads,
            "cache": args.cache, "data": args.data, "corpus": args.corpus, "size": args.size,
-           "label": label}  # fmt: skip
+           "label": label, "train": {"schedule": args.schedule, "warmup": args.warmup,
+                                      "cooldown": args.cooldown,
+                                      "weight_decay": args.weight_decay}}  # fmt: skip
     grids = {**GRIDS, **{n: lrs for n, lrs in args.grid}}
     chosen = {n: grids[n] if n in dict(args.grid) else grids[n][: args.grid_size]
               for n in args.optimizers}  # fmt: skip

@@ -6,7 +6,7 @@ from cm_triton.optim import CompositionalMuon
 from cm_triton.options import CMOptions
 from cm_triton.schedules import INV_SQRT_NEWTON, INV_SQRT_QUINTIC, MUON_CLASSIC_5, POLAR_EXPRESS_8
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "cm_qk",

@@ -4,8 +4,9 @@ Until a GPU measurement replaces it, ``dispatch`` asks this model whether a phas
 as the fused kernel or as the torch ops that compute the same thing (``prefer_kernel``).
 Everything here is an **estimate**, from peak figures and stated efficiencies, not a timing.
 
-Per phase, for a leg of ``B x H`` heads of ``dh`` rows and width ``n`` (``E = B H dh n``
-elements, fp32 traffic) or ``M`` small ``dh x dh`` matrices:
+Per phase, for a leg of ``B x H`` heads of ``R`` rows (``dh``, or joint's and Muon's taller
+legs) and width ``n`` (``E = B H R n`` elements, fp32 traffic) or ``M`` small ``R x R``
+matrices:
 
 - time of a kernel = its wave count x the time of one wave, where a wave runs one program per
   SM slot (``SMs x programs per SM``), and a program's time is the larger of its bytes over
@@ -13,7 +14,15 @@ elements, fp32 traffic) or ``M`` small ``dh x dh`` matrices:
   peak (tf32x3: 3 products per fp32 product); plus one launch;
 - time of torch = the sum over its ops of (launch + max(bytes / bandwidth, flops / fp32 peak)),
   each op a full-machine kernel (cuBLAS, elementwise), fp32 matmuls on CUDA cores (torch keeps
-  TF32 off for fp32 matmuls by default).
+  TF32 off for fp32 matmuls by default); plus, for each operand the kernels would have read
+  where it lives (``stacked``: a layer list, ``tables.LayerRows``), the stack torch must form
+  first (one read and one write of it).
+
+Where each phase's figures come from (``ESTIMATE_SOURCES``): the kernels' loops in
+``kernels/streaming.py`` and ``kernels/algebra.py``, counted: a leg taller than one row block
+(``kb = ceil(R / block)`` blocks of ``gpu.gram_block`` rows) is tiled, and each of its programs
+reads every row block it needs, so the row-tiled passes read their big operand ``kb`` times
+(the restart's re-formed rows ``2 kb`` times); torch's from its ops (``reference/phases.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import torch
 __all__ = [
     "GPU",
     "GPUS",
+    "ESTIMATE_SOURCES",
     "gpu_for",
     "Estimate",
     "PHASES",
@@ -44,6 +54,7 @@ class GPU:
     hbm_bytes_s: float
     fp32_flops: float  # CUDA cores, FMA = 2 flops
     tf32_flops: float  # tensor cores, dense
+    gram_block: int = 128  # rows per block of a row-tiled leg (kernels.common.row_cap)
     launch_s: float = 4e-6  # CPU launch plus the idle gap between dependent kernels
     bw_eff: float = 0.8  # fraction of HBM bandwidth a streaming kernel reaches
     tc_eff: float = 0.5  # fraction of the tensor-core peak Triton's tf32 dots reach
@@ -52,8 +63,22 @@ class GPU:
 
 GPUS = {
     "H100": GPU("H100 SXM", 132, 3.35e12, 67e12, 495e12),
-    "A100": GPU("A100 SXM 80GB", 108, 2.04e12, 19.5e12, 156e12),
+    "A100": GPU("A100 SXM 80GB", 108, 2.04e12, 19.5e12, 156e12, gram_block=64),
 }
+ESTIMATE_SOURCES = {
+    "stream": "kernel: one read of W, G, m and one write of m_new, the reads kb times over when "
+              "row-tiled (each block pair's program reads its two row blocks); torch: m_new, "
+              "two Grams, the chunks' sum",
+    "restart": "kernel: one row block: X = T D formed tile by tile and its Gram taken, X "
+               "never stored; row-tiled, or rows past the GPU's Gram block (A100: 64): the "
+               "apply kernel forms X (each row block reading every row of D: kb x the reads) "
+               "and the Gram kernel takes X X^T (kb x); torch: X, then X X^T",
+    "apply": "kernel: each row block's program reads every row of D (kb x the reads when "
+             "row-tiled), W once, writes W once; torch: T D, then decay W - step T D",
+    "maps": "kernel: 37 products of R x R in scratch (L2-resident, counted as HBM); torch: the "
+            "same products and their elementwise ops as separate launches",
+    "inv_sqrt": "as maps, 28 products",
+}  # fmt: skip
 
 
 def gpu_for(capability: tuple[int, int] | None) -> GPU:
@@ -101,22 +126,31 @@ def _torch(gpu: GPU, ops: list[tuple[float, float]]) -> float:
 PHASES = ("stream", "restart", "apply", "maps", "inv_sqrt")
 
 
-def estimate(phase: str, b: int, h: int, dh: int, n: int, gpu: GPU) -> tuple[Estimate, Estimate]:
-    """``(kernel, torch)`` estimates of one phase for ``B x H`` heads of ``dh x n``
-    (``n`` unused by the dh x dh phases, whose ``B H`` matrices are each one program)."""
+def estimate(phase: str, b: int, h: int, dh: int, n: int, gpu: GPU,
+             stacked: int = 0) -> tuple[Estimate, Estimate]:  # fmt: skip
+    """``(kernel, torch)`` estimates of one phase for ``B x H`` heads of ``dh x n`` (``dh``:
+    the leg's rows; ``n`` unused by the dh x dh phases, whose ``B H`` matrices are each one
+    program). ``stacked``: how many of the phase's big operands are layer lists the kernel
+    reads in place and torch must stack first (``ESTIMATE_SOURCES``)."""
     e = b * h * dh * n
     m = b * h
+    tiles = math.ceil(dh / gpu.gram_block) if dh > 128 else 1  # row blocks of a tiled leg
+    pairs = m * tiles * tiles  # a Gram's block pairs per chunk of columns
+    stack = [(0, 8 * e)] * stacked  # torch forms each layer list's stack: read and write
     if phase == "stream":  # m' = beta m + g; W W^T and D D^T per head
-        kf, kb = 3 * 4 * dh * e, 16 * e  # 2 Grams x 2 dh flops per element, tf32x3
-        programs = min(m * math.ceil(n / 32), max(m, 264))
+        kf, kb = 3 * 4 * dh * e, 12 * e * tiles + 4 * e  # 2 Grams x 2 dh flops, tf32x3
+        programs = min(pairs * math.ceil(n / 32), max(pairs, 264))
         ops = [(2 * e, 12 * e), (2 * dh * e, 4 * e), (2 * dh * e, 4 * e), (0, 8 * m * dh * dh)]
     elif phase == "restart":  # X = T D, X X^T
-        kf, kb = 3 * 4 * dh * e, 4 * e
-        programs = min(m * math.ceil(n / 32), max(m, 264))
+        if tiles == 1 and dh <= gpu.gram_block:  # fused: X formed tile by tile, never stored
+            kf, kb = 3 * 4 * dh * e, 4 * e
+        else:  # two passes: the apply kernel forms X (D read per row block), then its Gram
+            kf, kb = 3 * 3 * dh * e, 4 * e * (2 * tiles + 1)
+        programs = min(pairs * math.ceil(n / 32), max(pairs, 264))
         ops = [(2 * dh * e, 8 * e), (2 * dh * e, 4 * e)]
     elif phase == "apply":  # W <- decay W - step T D
-        kf, kb = 3 * 2 * dh * e, 12 * e
-        programs = min(m * math.ceil(n / 32), max(m, 264))
+        kf, kb = 3 * 2 * dh * e, 4 * e * tiles + 8 * e
+        programs = min(m * tiles * math.ceil(n / 32), max(m * tiles, 264))
         ops = [(2 * dh * e, 8 * e), (2 * e, 12 * e)]
     elif phase in ("maps", "inv_sqrt"):  # first + last maps: 37 products; inverse root: 28
         products = 37 if phase == "maps" else 28
@@ -133,21 +167,26 @@ def estimate(phase: str, b: int, h: int, dh: int, n: int, gpu: GPU) -> tuple[Est
     else:
         raise ValueError(f"unknown phase {phase!r}; one of {PHASES}")
     kt = _kernel(gpu, programs, _programs_per_sm("stream", dh), kf, kb)
+    ops = stack + ops
     tt = _torch(gpu, ops)
     return (Estimate(kt, kf, kb, 1, programs),
             Estimate(tt, sum(f for f, _ in ops), sum(x for _, x in ops), len(ops)))  # fmt: skip
 
 
-def prefer_kernel(phase: str, b: int, h: int, dh: int, n: int, gpu: GPU) -> bool:
+def prefer_kernel(phase: str, b: int, h: int, dh: int, n: int, gpu: GPU,
+                  stacked: int = 0) -> bool:  # fmt: skip
     """Whether the model expects the fused kernel to beat torch for this phase and shape."""
-    kernel, torch_ = estimate(phase, b, h, dh, n, gpu)
+    kernel, torch_ = estimate(phase, b, h, dh, n, gpu, stacked)
     return kernel.seconds < torch_.seconds
 
 
-def use_kernel(phase: str, b: int, h: int, dh: int, n: int, device: torch.device) -> bool:
+def use_kernel(phase: str, b: int, h: int, dh: int, n: int, device: torch.device,
+               stacked: int = 0) -> bool:  # fmt: skip
     """Whether a Gram-form phase (``cost_model.PHASES``) of ``B x H`` heads of ``dh x n`` runs
-    as its fused kernel or as torch ops. CUDA: the cost model's estimate (until a GPU
-    measurement replaces it); elsewhere (the interpreter) always the kernel."""
+    as its fused kernel or as torch ops (``stacked``: operands torch would have to stack).
+    CUDA: the cost model's estimate (until a GPU measurement replaces it); elsewhere (the
+    interpreter) always the kernel."""
     if device.type != "cuda":
         return True
-    return prefer_kernel(phase, b, h, dh, n, gpu_for(torch.cuda.get_device_capability(device)))
+    gpu = gpu_for(torch.cuda.get_device_capability(device))
+    return prefer_kernel(phase, b, h, dh, n, gpu, stacked)

@@ -28,9 +28,11 @@ from tqdm import tqdm
 
 from cm_triton.discovery import param_groups
 from cm_triton.optim import CompositionalMuon
+from cm_triton.schedules import POLAR_EXPRESS_8
 
 OPTIMIZERS = ("cm", "cm-isotropic", "cm-release", "cm-per-query", "cm-damp1e-3", "cm-damp1e-1",
-              "cm-pre", "cm-post", "cm-frob", "muon-per-head", "muon", "adamw")  # fmt: skip
+              "cm-pre", "cm-post", "cm-frob", "muon-per-head", "cm-muon8", "muon",
+              "adamw")  # fmt: skip
 # Matrix lr per optimizer (AdamW's lr for "adamw"): the best of bench/quality.py's 1000-step
 # sweep on the default data, factor-2 grids, seed 99 (bench/results/quality.md). The CM
 # variants below "cm-per-query" and "muon-per-head" were not swept there: they take cm's rate.
@@ -56,6 +58,9 @@ OPTIONS = {
     "cm-frob": {"connection": "frobenius_scalar"},
     "muon-per-head": {"whitening": "none"},
 }
+# Options of the Muon groups: "cm-muon8": the 8-step Polar Express schedule the Muon groups ran
+# before 0.4.0 (now 5 steps, schedules.MUON_COEFFICIENTS), for the measurement that chose it.
+MUON_OPTIONS = {"cm-muon8": {"ns_coefficients": POLAR_EXPRESS_8}}
 ADAMW_LR = 3e-3  # embeddings, head, norms: the same AdamW for every optimizer
 
 
@@ -195,14 +200,49 @@ def batch(data: torch.Tensor, size: int, block: int, gen: torch.Generator, devic
 
 
 # -- training -----------------------------------------------------------------------------
-def make_optimizer(name: str, model: nn.Module, lr: float | None = None):
+SCHEDULES = ("constant", "cosine", "wsd")
+
+
+def lr_factor(schedule: str, steps: int, warmup: float, cooldown: float):
+    """The multiplier of every group's lr after ``k`` optimizer steps (``LambdaLR``'s
+    ``lr_lambda``): ``"constant"``: 1; ``"cosine"``: linear warmup over the first ``warmup``
+    fraction of ``steps``, then a cosine to 0 at the last step; ``"wsd"`` (warmup-stable-decay):
+    the warmup, 1, then a linear cooldown to 0 over the last ``cooldown`` fraction."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not (0 <= warmup < 1 and 0 < cooldown <= 1):
+        raise ValueError(f"warmup must be in [0, 1) and cooldown in (0, 1], got {warmup}, "
+                         f"{cooldown}")  # fmt: skip
+    w, c = round(warmup * steps), max(1, round(cooldown * steps))
+
+    def factor(k: int) -> float:  # k = steps taken; the step about to run is k + 1
+        if schedule == "constant":
+            return 1.0
+        if k < w:
+            return (k + 1) / (w + 1)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (k - w) / max(1, steps - w))))
+        return min(1.0, (steps - k) / c)
+
+    return factor
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float | None = None,
+                   weight_decay: float = 0.0):  # fmt: skip
+    """``name``'s optimizer on ``model`` at matrix lr ``lr`` (default: ``LR[name]``);
+    ``weight_decay``: decoupled, on every group (CM and Muon ``W <- (1 - lr wd) W``, AdamW's
+    own)."""
     lr = LR[name] if lr is None else lr
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
+                                 weight_decay=weight_decay)  # fmt: skip
     options = OPTIONS.get(name, {})
     groups = param_groups(model, attention=name != "muon", isotropic=name == "cm-isotropic",
                           **options)  # fmt: skip
-    return CompositionalMuon(groups, lr=lr, adamw_lr=ADAMW_LR)
+    for g in groups:
+        if g["kind"] == "muon":
+            g.update(MUON_OPTIONS.get(name, {}))
+    return CompositionalMuon(groups, lr=lr, adamw_lr=ADAMW_LR, weight_decay=weight_decay)
 
 
 @torch.no_grad()
@@ -219,7 +259,11 @@ def train(name: str, args, train_data, val_data) -> dict:
     torch.manual_seed(args.seed)
     device = args.device
     model = GPT(SIZES[getattr(args, "size", "demo")]).to(device)
-    opt = make_optimizer(name, model, args.lr)
+    opt = make_optimizer(name, model, args.lr, getattr(args, "weight_decay", 0.0))
+    schedule = getattr(args, "schedule", "constant")
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_factor(schedule, args.steps, getattr(args, "warmup", 0.0),
+                       getattr(args, "cooldown", 0.2)))  # fmt: skip
     gen = torch.Generator().manual_seed(args.seed)
     curve: list[tuple[int, float]] = []
     # (step, training seconds so far, val loss): the time excludes the evaluations, which
@@ -232,6 +276,8 @@ def train(name: str, args, train_data, val_data) -> dict:
             raise SystemExit(f"error: --resume {args.resume}: saved by {ck['optimizer_name']!r}")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        if "scheduler" in ck:
+            sched.load_state_dict(ck["scheduler"])
         gen.set_state(ck["generator"])
         first, curve = ck["step"] + 1, [tuple(c) for c in ck["curve"]]
         timed = [tuple(c) for c in ck.get("timed_curve", [])]
@@ -247,6 +293,7 @@ def train(name: str, args, train_data, val_data) -> dict:
         opt.zero_grad(set_to_none=True)
         loss_t.backward()
         opt.step()
+        sched.step()
         loss = loss_t.item()
         if not math.isfinite(loss):
             raise SystemExit(f"error: {name}: training loss became {loss} at step {step}")
@@ -261,7 +308,8 @@ def train(name: str, args, train_data, val_data) -> dict:
     elapsed = time.perf_counter() - start
     if args.checkpoint:
         torch.save({"optimizer_name": name, "model": model.state_dict(), "step": args.steps,
-                    "optimizer": opt.state_dict(), "generator": gen.get_state(), "curve": curve,
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "generator": gen.get_state(), "curve": curve,
                     "timed_curve": timed}, args.checkpoint)  # fmt: skip
     tokens = (args.steps - first + 1) * args.batch_size * model.cfg.block_size
     return {"optimizer": name, "final_train_loss": loss, "final_val_loss": curve[-1][1],
@@ -303,6 +351,22 @@ def parse_args(argv=None):
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None, help="matrix lr (default: per optimizer)")
+    p.add_argument(
+        "--schedule",
+        default="constant",
+        choices=SCHEDULES,
+        help="lr schedule: constant, warmup + cosine, or warmup-stable-decay",
+    )
+    p.add_argument("--warmup", type=float, default=0.0, help="warmup, a fraction of --steps")
+    p.add_argument(
+        "--cooldown",
+        type=float,
+        default=0.2,
+        help="wsd: the linear cooldown, a fraction of --steps",
+    )
+    p.add_argument(
+        "--weight-decay", type=float, default=0.0, help="decoupled weight decay on every group"
+    )
     p.add_argument("--data", default=None, help="UTF-8 text file (default: --corpus)")
     p.add_argument("--corpus", default="topics", choices=CORPORA, help="built-in text")
     p.add_argument("--size", default="demo", choices=SIZES, help="model size preset")
@@ -320,6 +384,12 @@ def parse_args(argv=None):
     for name in ("steps", "eval_every", "eval_batches", "batch_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if not 0 <= args.warmup < 1:
+        p.error(f"--warmup must be a fraction in [0, 1), got {args.warmup}")
+    if not 0 < args.cooldown <= 1:
+        p.error(f"--cooldown must be a fraction in (0, 1], got {args.cooldown}")
+    if not 0 <= args.weight_decay < 1:
+        p.error(f"--weight-decay must be in [0, 1), got {args.weight_decay}")
     return args
 
 

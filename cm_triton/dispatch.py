@@ -25,6 +25,7 @@ from cm_triton.cost_model import use_kernel
 from cm_triton.options import CMOptions
 from cm_triton.reference.phases import REFERENCE_PHASES, PhaseOps
 from cm_triton.reference.rule import REFERENCE, Primitives
+from cm_triton.tables import LayerRows
 
 logger = logging.getLogger("cm_triton")
 
@@ -148,7 +149,8 @@ def build_primitives(kernels: PhaseOps, guarded: bool = False) -> Primitives:
 
         def run(*args, **kwargs):
             x = args[arg]
-            if takes(x, *args) and use_kernel(PHASE_OF[name], *dims(x), x.device):
+            stacked = sum(isinstance(a, LayerRows) for a in args)  # torch would stack these
+            if takes(x, *args) and use_kernel(PHASE_OF[name], *dims(x), x.device, stacked):
                 return run_kernel(*args, **kwargs)
             return reference(*args, **kwargs)
 

@@ -46,6 +46,7 @@ from cm_triton.reference.muon import muon_update
 from cm_triton.reference.phases import direction_scale
 from cm_triton.reference.primitives import compute_dtype
 from cm_triton.reference.rule import Primitives, pair_step
+from cm_triton.schedules import MUON_COEFFICIENTS
 from cm_triton.tables import LayerRows, OffsetTable, layer_rows
 
 __all__ = [
@@ -333,9 +334,12 @@ def _muon(w, g, m, group, opts: CMOptions, prims, transposed: bool, scale=None):
 
 
 def _muon_rows(w, g, m, group, opts, prims, scale=None):
-    """Muon extras of an attention layout (e.g. gate rows): ``(L, H, dh, d)`` heads -> one
-    ``(H*dh, d)`` matrix per batch entry."""
+    """Muon extras of an attention layout (e.g. gate rows, MLA's latent rows): ``(L, H, dh,
+    d)`` heads -> one ``(H*dh, d)`` matrix per batch entry, on the Muon groups' schedule
+    unless the group names one for all its parts."""
     shape = w.shape
+    if "ns_coefficients" not in group:
+        opts = dataclasses.replace(opts, ns_coefficients=MUON_COEFFICIENTS)
 
     def flat(x: Tensor) -> Tensor:
         return x.reshape(shape[0], -1, shape[-1])

@@ -36,6 +36,7 @@ from cm_triton.groups import (
     check_group,
     group_options,
 )
+from cm_triton.schedules import MUON_COEFFICIENTS
 
 __all__ = ["CompositionalMuon", "KINDS"]
 
@@ -141,6 +142,8 @@ class CompositionalMuon(torch.optim.Optimizer):
             raise ValueError(f"param group 'kind' must be one of {KINDS}, got {kind!r}")
         if kind == "adamw" and "lr" not in param_group:
             param_group["lr"] = self.defaults["adamw_lr"]
+        if kind == "muon" and "ns_coefficients" not in param_group | self.defaults:
+            param_group["ns_coefficients"] = MUON_COEFFICIENTS
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         where = f"param group {len(self.param_groups) - 1} ({kind!r})"

@@ -17,6 +17,22 @@ POLAR_EXPRESS_8: tuple[tuple[float, float, float], ...] = (
     (1.8750, -1.2500, 0.3750),
 )
 
+# Polar Express, 5 steps (safety factor 2e-2, as modded-nanogpt's Muon and microsoft/dion run it;
+# the Polar Express paper's construction, arXiv 2505.16932).
+POLAR_EXPRESS_5: tuple[tuple[float, float, float], ...] = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+# The Muon groups' schedule where neither the group nor the optimizer names one (the CM legs
+# keep POLAR_EXPRESS_8): torch.optim.Muon, dion and modded-nanogpt take five steps. Chosen by
+# measurement: bench/results/muon_schedule.md (accuracy against float64, whole-model step time,
+# and the demo's loss).
+MUON_COEFFICIENTS = POLAR_EXPRESS_5
+
 # Muon's classic quintic, five steps (KellerJordan/Muon).
 MUON_CLASSIC_5: tuple[tuple[float, float, float], ...] = ((3.4445, -4.7750, 2.0315),) * 5
 

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
-from helpers import kernel_launches
+from helpers import kernel_launches, stub_kernels
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -157,24 +157,27 @@ def _launches():
 
 
 def step_costs(model: nn.Module, make_optimizer, steps_before: int = 1,
-               moving_grads: bool = True) -> Costs:  # fmt: skip
+               moving_grads: bool = True, stub: bool = False) -> Costs:  # fmt: skip
     """The costs of a steady-state step (after ``steps_before`` steps made the state) of
     ``make_optimizer(model)``, with random gradients: new tensors every step
     (``moving_grads``, as ``zero_grad(set_to_none=True)`` makes them), else written into the
-    same tensors (as ``zero_grad(set_to_none=False)`` and ``capturable=True`` keep them)."""
+    same tensors (as ``zero_grad(set_to_none=False)`` and ``capturable=True`` keep them).
+    ``stub``: the kernels compute nothing (``helpers.stub_kernels``), for real widths."""
     gen = torch.Generator().manual_seed(0)
     opt = make_optimizer(model)
-    for _ in range(steps_before + 1):
-        for p in model.parameters():
-            if moving_grads or p.grad is None:
-                p.grad = torch.randn(p.shape, generator=gen)
-            else:
-                p.grad.copy_(torch.randn(p.shape, generator=gen))
-        if _ < steps_before:
-            opt.step()
+    kernels = stub_kernels() if stub else contextlib.nullcontext()
+    with kernels:
+        for _ in range(steps_before + 1):
+            for p in model.parameters():
+                if moving_grads or p.grad is None:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                else:
+                    p.grad.copy_(torch.randn(p.shape, generator=gen))
+            if _ < steps_before:
+                opt.step()
     counter = StepCounter()
     formed = Counter(FORMED)
-    with _launches() as launched, counter:
+    with stub_kernels() if stub else _launches() as launched, counter:
         opt.step()
     # Stacks formed inside LayerRows' own dispatch (the mode cannot see them): counted there.
     counter.copies.update(Counter(FORMED) - formed)

@@ -8,10 +8,9 @@ is worked by hand from the CUDA occupancy rules in the comments.
 from __future__ import annotations
 
 import pytest
+from helpers import needs
 
-from cm_triton.dispatch import triton_available
-
-pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+pytestmark = needs("triton")
 
 
 @pytest.fixture(scope="module")

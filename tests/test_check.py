@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import needs
 
-from cm_triton.dispatch import triton_available
-
-pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+pytestmark = needs("triton")
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -93,3 +93,67 @@ def test_demo_trains_the_4x_size_on_the_c_headers(tmp_path):
     assert [s for s, _, _ in r["timed_curve"]] == [1, 2] and math.isfinite(r["final_val_loss"])
     saved = json.loads((tmp_path / "demo_results.json").read_text())
     assert saved["meta"]["model"]["d_model"] == 256
+
+
+def test_lr_factors_warm_up_hold_and_cool_down():
+    steps = 100
+    cos, wsd = (demo.lr_factor(s, steps, 0.1, 0.2) for s in ("cosine", "wsd"))
+    assert [demo.lr_factor("constant", steps, 0.1, 0.2)(k) for k in (0, 50, 99)] == [1.0] * 3
+    # Warmup: 10 steps rising linearly to 1 (the 11th step runs at the full rate).
+    assert [round(cos(k), 6) for k in (0, 4, 10)] == [round(1 / 11, 6), round(5 / 11, 6), 1.0]
+    assert wsd(10) == wsd(79) == 1.0 and wsd(80) == 1.0 and wsd(90) == 0.5 and wsd(99) == 0.05
+    assert cos(55) == pytest.approx(0.5) and cos(99) < 1e-3  # half-way down at the midpoint
+    with pytest.raises(ValueError, match="schedule"):
+        demo.lr_factor("linear", steps, 0.1, 0.2)
+
+
+@pytest.mark.parametrize("schedule", demo.SCHEDULES)
+def test_each_schedule_trains_end_to_end(tmp_path, schedule):
+    import torch
+
+    ck = str(tmp_path / "ck.pt")
+    args = ["--steps", "8", "--eval-every", "4", "--eval-batches", "1", "--batch-size", "4",
+            "--schedule", schedule, "--warmup", "0.25", "--weight-decay", "0.1",
+            "--out", str(tmp_path), "--checkpoint", ck]  # fmt: skip
+    r = demo.main(args)[0]
+    assert r["final_val_loss"] < math.log(256) - 1.0  # 5.55 untrained; ~3.8 after 8 steps
+    # The scheduler's state is saved with the model and optimizer (a resume continues it).
+    saved = torch.load(ck)["scheduler"]
+    assert saved["last_epoch"] == 8
+    final = demo.lr_factor(schedule, 8, 0.25, 0.2)(8)
+    assert saved["_last_lr"][0] == pytest.approx(demo.LR["cm"] * final)
+
+
+def test_a_schedulers_lr_reaches_every_cm_muon_and_adamw_batch():
+    # Two optimizers in the same state after one step; before the second, a scheduler scales
+    # one's lr by 1/4. Every update of CM, Muon and AdamW is lr times a function of the state
+    # (no weight decay), so every parameter's second update must be exactly a quarter of the
+    # other's, up to fp32 rounding of the two subtractions (w - lr u: relative ~2^-23 of |w|
+    # per update, divided by |update| ~ lr |u|: 1e-4 relative at these magnitudes).
+    import copy
+
+    import torch
+
+    torch.manual_seed(0)
+    models = [demo.GPT(demo.SIZES["demo"]) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [demo.make_optimizer("cm", m, 0.01) for m in models]
+    sched = torch.optim.lr_scheduler.LambdaLR(opts[0], lambda k: 1.0 if k == 0 else 0.25)
+    kinds = {g["kind"] for g in opts[0].param_groups}
+    assert {"qk", "ov", "muon", "adamw"} <= kinds, kinds
+    x = torch.randint(0, 256, (2, 2, 33))
+    before = None
+    for step in range(2):
+        for m, o in zip(models, opts):
+            o.zero_grad()
+            m(x[0][:, :-1], x[0][:, 1:]).backward()
+        if step == 1:
+            before = [copy.deepcopy(m.state_dict()) for m in models]
+        for o in opts:
+            o.step()
+        if step == 0:
+            sched.step()
+    for name, p in models[0].named_parameters():
+        full = dict(models[1].named_parameters())[name] - before[1][name]
+        quarter = p.detach() - before[0][name]
+        torch.testing.assert_close(quarter, full / 4, rtol=1e-3, atol=1e-6, msg=name)

@@ -15,14 +15,14 @@ import warnings
 
 import pytest
 import torch
-from helpers import kernel_launches, qk_tensors
+from helpers import kernel_launches, needs, qk_tensors
 
-from cm_triton.dispatch import Guard, build_primitives, resolve_primitives, triton_available
+from cm_triton.dispatch import Guard, build_primitives, resolve_primitives
 from cm_triton.options import CMOptions
 from cm_triton.reference import REFERENCE
 from cm_triton.reference.rule import pair_step
 
-pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+pytestmark = needs("triton")
 
 PHASES = ("stream", "stream_grams", "cross_grams", "first_maps", "restart_gram", "last_maps",
           "apply_update", "inv_sqrt")  # fmt: skip

@@ -50,14 +50,24 @@ def _tensors(seed, hkv, g, dh, d, scale):
 @given(shape=shapes, f=flags, hybrid=st.booleans(), seed=st.integers(0, 2**16),
        scale=st.sampled_from([1e-3, 1.0, 1e3]))  # fmt: skip
 def test_any_shape_and_flags_give_a_finite_in_place_step(shape, f, hybrid, seed, scale):
+    # In place: the caller's weight and momentum tensors are the ones written (same storage),
+    # the weights move, the gradients are read only, and the momentum is beta m + G exactly
+    # (one fp64 multiply-add per entry; a reprojected momentum adds its own term).
     hkv, g, dh, d = shape
-    ts = _tensors(seed, hkv, g, dh, d, scale)
-    cm_qk(*ts, head_dim=dh, eta=0.05, **f)
-    assert all(torch.isfinite(t).all() for t in ts)
     q, k, gq, gk, mq, mk = _tensors(seed, hkv, g, dh, d, scale)
     ov = [k, q.T.contiguous(), gk, gq.T.contiguous(), mk, mq.T.contiguous()]
-    cm_ov(*ov, head_dim=dh, eta=0.05, hybrid=hybrid, **f)
-    assert all(torch.isfinite(t).all() for t in ov)
+    for call, ts, extra in ((cm_qk, _tensors(seed, hkv, g, dh, d, scale), {}),
+                            (cm_ov, ov, {"hybrid": hybrid})):  # fmt: skip
+        before = [t.clone() for t in ts]
+        ptrs = [t.data_ptr() for t in ts]
+        call(*ts, head_dim=dh, eta=0.05, **extra, **f)
+        assert [t.data_ptr() for t in ts] == ptrs
+        assert all(torch.isfinite(t).all() for t in ts)
+        assert not torch.equal(ts[0], before[0]) and not torch.equal(ts[1], before[1])
+        assert torch.equal(ts[2], before[2]) and torch.equal(ts[3], before[3])
+        if not f["momentum_reproject"]:
+            for m, m0, g0 in ((ts[4], before[4], before[2]), (ts[5], before[5], before[3])):
+                torch.testing.assert_close(m, 0.95 * m0 + g0, rtol=1e-15, atol=0)
 
 
 @SETTINGS
@@ -75,6 +85,8 @@ def test_leg_bound_holds_for_any_shape(shape, seed, method):
     leg_p = torch.linalg.matrix_norm(delta_p.mT @ s.repeat_interleave(g, 0), ord=2)
     leg_s = torch.linalg.matrix_norm(p.mT @ delta_s.repeat_interleave(g, 0), ord=2)
     assert leg_p.max() <= 1 + 1e-8 and leg_s.max() <= 1 + 1e-8
+    if method == "half_split":  # the query leg's composite moves by exactly its budget
+        torch.testing.assert_close(leg_p, torch.ones_like(leg_p), rtol=0, atol=1e-8)
 
 
 @SETTINGS

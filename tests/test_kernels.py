@@ -12,6 +12,8 @@ phase and ~1e-5 for a whole step. FP32_RTOL = 1e-4 keeps the margin; a formula s
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import (
@@ -20,17 +22,19 @@ from helpers import (
     flag_id,
     flag_product,
     kernel_launches,
+    needs,
     ov_tensors,
     qk_tensors,
 )
 
 from cm_triton import cm_ov, cm_qk
-from cm_triton.dispatch import resolve_primitives, triton_available
+from cm_triton.dispatch import resolve_primitives
+from cm_triton.options import CMOptions
 from cm_triton.reference import REFERENCE
 from cm_triton.reference import phases as ref
 from cm_triton.schedules import POLAR_EXPRESS_8
 
-pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+pytestmark = needs("triton")
 
 FP32_RTOL = 1e-4
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -148,12 +152,24 @@ def test_the_chooser_hands_what_the_kernels_do_not_take_to_the_reference(kp):
         assert _rel(x, y) < FP32_RTOL
 
 
-def test_triton_backend_uses_the_kernels():
+def test_the_triton_backend_chooses_the_kernels_themselves(kp):
+    # By identity, not by name (kernel and reference phases share their names): each phase of
+    # the backend picks between this very kernel and this very reference function, and on
+    # input the kernel takes it launches it.
+    from cm_triton.dispatch import PHASE_OF
     from cm_triton.kernels import KERNEL_PHASES
 
     chosen = resolve_primitives("triton", torch.device(DEVICE))
-    assert chosen.phases.apply_update.__name__ == KERNEL_PHASES.apply_update.__name__
     assert chosen is not REFERENCE
+    for name in PHASE_OF:
+        run = getattr(chosen.phases, name)
+        assert run.kernel is getattr(KERNEL_PHASES, name), name
+        assert run.reference is getattr(ref.REFERENCE_PHASES, name), name
+    w, g, m = (_heads("rows", 1, 2, 8, 40, seed=s) for s in range(3))
+    t = _spd_root(w @ w.mT)
+    with kernel_launches() as n:
+        chosen.phases.apply_update(w, t, g, m, 0.9, False, 1.0, 0.1)
+    assert dict(n) == {"map": 1}
     if DEVICE == "cpu":  # "auto" keeps CPU tensors on the reference, interpreter or not
         assert resolve_primitives("auto", torch.device("cpu")) is REFERENCE
 
@@ -241,18 +257,148 @@ def test_the_fused_pipeline_with_other_options(extra):
     _compare_step(cm_ov, ov_tensors, shape, {"hybrid": False}, **extra)
 
 
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """One bf16 unit in the last place at each |x| (8 significand bits: |x| in [2^(e-1), 2^e)
+    has ulp 2^(e-8))."""
+    _, e = torch.frexp(x.float().abs())
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float32), e - 8)
+
+
+def _assert_bf16_steps_agree(fn, make, **kw):
+    # bf16 weights of 1e-3 and eta 1: each new weight is mostly the step, so each side's one
+    # rounding to bf16 is what separates them: the fp32 values before it differ by under
+    # FP32_RTOL of the step, so the rounded ones by at most one ulp (ulp(x) <= 2^-7 |x|),
+    # plus that difference. A step 1% off moves its largest entries by 1% > 2^-7 = 0.78%:
+    # more than an ulp (test_a_one_percent_error_in_any_phase_fails breaks it so).
+    ts = make(4, 2, 32, 70, dtype=torch.float32, device=DEVICE)
+    ts = [t * 1e-3 if i < 2 else t for i, t in enumerate(ts)]
+    ts = [t.to(torch.bfloat16) for t in ts]
+    got, want = clones(ts), clones(ts)
+    fn(*got, head_dim=32, eta=1.0, backend="triton", **kw)
+    fn(*want, head_dim=32, eta=1.0, backend="reference", **kw)
+    for i, (g, w, t0) in enumerate(zip(got, want, ts)):
+        assert g.dtype == torch.bfloat16
+        g, w = g.float(), w.float()
+        step = (w - t0.float()).abs().max()
+        bound = _bf16_ulp(torch.maximum(g.abs(), w.abs())) + FP32_RTOL * step
+        assert ((g - w).abs() <= bound).all(), (i, ((g - w).abs() / bound).max().item())
+
+
 def test_bf16_weights_match_reference():
-    # bf16 weights: the step (eta b |Delta| ~ 0.05 x 0.2) is below one bf16 ulp of an O(1)
-    # weight, so compare the weights themselves: each side rounds once (<= 2^-8 relative each,
-    # rtol 2^-7), and the fp32 results before rounding differ by < 1e-4 of the step.
     for fn, make in ((cm_qk, qk_tensors), (cm_ov, ov_tensors)):
-        ts = make(4, 2, 32, 70, dtype=torch.bfloat16, device=DEVICE)
-        got, want = clones(ts), clones(ts)
-        fn(*got, head_dim=32, eta=0.1, backend="triton")
-        fn(*want, head_dim=32, eta=0.1, backend="reference")
-        for g, w in zip(got, want):
-            assert g.dtype == torch.bfloat16
-            torch.testing.assert_close(g.float(), w.float(), rtol=2**-7, atol=2**-14)
+        _assert_bf16_steps_agree(fn, make)
+
+
+def _off_by_one_percent(fn):
+    # Every entry 1% off, up or down by the parity of its column: a uniform 1.01 is absorbed
+    # by what follows some phases (a scaled T_r is undone by the Newton-Schulz steps after
+    # the restart, which normalise), an uneven one is an error in the step.
+    def wrong(out):
+        if isinstance(out, dict):
+            return {k: wrong(v) for k, v in out.items()}
+        if isinstance(out, tuple):
+            return tuple(wrong(x) for x in out)
+        sign = 1 - 2 * (torch.arange(out.shape[-1], device=out.device) % 2)
+        return out * (1 + 0.01 * sign)
+
+    def run(*args, **kwargs):
+        return wrong(fn(*args, **kwargs))
+
+    return run
+
+
+# Each kernel phase, and flags whose step runs it: a 1% error in it must fail the parity
+# check (FP32_RTOL = 1e-4; bf16: one ulp), or the tolerances guard less than they look.
+BROKEN = {
+    "stream": (cm_qk, {}), "first_maps": (cm_qk, {}), "restart_gram": (cm_qk, {}),
+    "last_maps": (cm_qk, {}), "apply_update": (cm_qk, {}), "inv_sqrt": (cm_qk, {}),
+    "stream_grams": (cm_qk, {"connection": "frobenius"}),
+    "cross_grams": (cm_ov, {"connection": "frobenius"}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("phase", list(BROKEN))
+def test_a_one_percent_error_in_any_phase_fails(phase, monkeypatch):
+    from cm_triton import dispatch
+    from cm_triton.kernels import KERNEL_PHASES
+
+    fn, flags = BROKEN[phase]
+    make = qk_tensors if fn is cm_qk else ov_tensors
+    broken = dataclasses.replace(KERNEL_PHASES, **{
+        phase: _off_by_one_percent(getattr(KERNEL_PHASES, phase))})  # fmt: skip
+    monkeypatch.setattr(dispatch, "_triton_primitives",
+                        lambda guarded=False: dispatch.build_primitives(broken))  # fmt: skip
+    kw = {"inv_root": "quintic", **flags}
+    with pytest.raises(AssertionError):
+        _compare_step(fn, make, (4, 2, 16, 70), kw)
+    if phase in ("stream", "apply_update", "last_maps"):
+        with pytest.raises(AssertionError):
+            _assert_bf16_steps_agree(fn, make, **kw)
+
+
+def test_tf32x3_dots_stay_within_the_fp32_tolerance():
+    # On a GPU every tl.dot is tf32x3: each operand split into a tf32 high part and a tf32
+    # remainder, three products summed (the remainders' product dropped). The interpreter
+    # computes them in plain fp32, so FP32_RTOL's premise (the kernels' arithmetic is fp32's
+    # to within the reorderings) is checked here by emulating tf32x3 in every product of the
+    # kernels' phases: the step stays within FP32_RTOL of the fp32 reference; one tf32 pass
+    # (10-bit products) does not, so the check can fail.
+    from torch.overrides import TorchFunctionMode
+
+    from cm_triton.dispatch import build_primitives
+    from cm_triton.reference.rule import pair_step
+
+    def tf32(x):  # round to 10 mantissa bits, to nearest, as cvt.rna.tf32.f32
+        bits = x.float().contiguous().view(torch.int32)
+        return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+    def dot(a, b, passes):
+        ah, bh = tf32(a), tf32(b)
+        if passes == 1:
+            return torch.matmul(ah, bh)
+        return torch.matmul(ah, bh) + torch.matmul(ah, tf32(b - bh)) + torch.matmul(
+            tf32(a - ah), bh)  # fmt: skip
+
+    class Dots(TorchFunctionMode):
+        def __init__(self, passes):
+            super().__init__()
+            self.passes = passes
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            out = kwargs.pop("out", None)
+            if func in (torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.__matmul__):
+                value = dot(args[0], args[1], self.passes)
+            elif func is torch.baddbmm:
+                beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+                value = beta * args[0] + alpha * dot(args[1], args[2], self.passes)
+            else:
+                return func(*args, **kwargs, **({} if out is None else {"out": out}))
+            return value if out is None else out.copy_(value)
+
+    def emulated(fn, passes):
+        def run(*args, **kwargs):
+            with Dots(passes):
+                return fn(*args, **kwargs)
+
+        return run
+
+    names = ("stream", "stream_grams", "cross_grams", "first_maps", "restart_gram",
+             "last_maps", "apply_update")  # fmt: skip
+    ts = [t.unflatten(0, (-1, 16))[None] for t in qk_tensors(4, 2, 16, 70,
+                                                              dtype=torch.float32)]  # fmt: skip
+    from cm_triton.dispatch import resolve_options
+
+    opts = resolve_options(CMOptions(eta=0.1, inv_root="eigh"), torch.device("cpu"))
+    want = pair_step(*ts, opts)
+    for passes, ok in ((3, True), (1, False)):
+        ops = dataclasses.replace(ref.REFERENCE_PHASES, **{
+            n: emulated(getattr(ref.REFERENCE_PHASES, n), passes) for n in names})  # fmt: skip
+        prims = build_primitives(ops)
+        got = pair_step(*ts, opts, prims=prims)
+        worst = max(((g - w).norm() / (w - t).norm()).item()
+                    for g, w, t in zip(got[:2], want[:2], ts[:2]))  # fmt: skip
+        assert (worst < FP32_RTOL) == ok, (passes, worst)
 
 
 def test_the_cost_model_picks_kernels_for_many_heads_and_torch_for_few_big_ones():
@@ -288,3 +434,29 @@ def test_int32_offsets_stay_inside_one_head_at_a_70b_shape():
     # A head whose own extent passes 2^31 is sent to the reference (streams_take False).
     wide = torch.empty(1, 1, 2, 2**30 + 1, device="meta")
     assert not streams_take(wide, wide, wide)
+
+
+@pytest.mark.parametrize("arch", [86, 100])
+def test_each_target_familys_tiles_compute_the_same(kp, arch, monkeypatch):
+    # The launch shapes differ by target (kernels.common: 64-row Gram blocks on mma.sync
+    # targets, i <= j block pairs mirrored; more warps where registers or shared memory are
+    # short): the same values as the reference on every family. The interpreter has no
+    # target, so it is named here: heads of 128 (one Gram block, or two on sm_86), and a leg
+    # of 256 rows (row-tiled; its restart in two passes).
+    from cm_triton.kernels import common
+
+    monkeypatch.setattr(common, "target_arch", lambda: arch)
+    for rows in (128, 256):
+        w, g, m = (_heads("rows", 1, 1, rows, 2 * rows + 16, seed=s) for s in range(3))
+        got, want = kp.stream(w, g, m, 0.9, True), ref.stream(w, g, m, 0.9, True)
+        assert torch.equal(got[0], want[0])
+        for a, b in zip(got[1:], want[1:]):
+            assert _rel(a, b) < FP32_RTOL
+        cross = kp.stream_grams(w, g, m, 0.9, False, ("ww", "dd", "wd"))[1]
+        for key, x in ref.stream_grams(w, g, m, 0.9, False, ("ww", "dd", "wd"))[1].items():
+            assert _rel(cross[key], x) < FP32_RTOL, key
+        t = _spd_root(want[1])
+        assert _rel(kp.restart_gram(t, g, want[0], 0.9, True),
+                    ref.restart_gram(t, g, want[0], 0.9, True)) < FP32_RTOL  # fmt: skip
+    if arch == 86:  # a whole step: the mma.sync family's (the other family's tiles as above)
+        _compare_step(cm_qk, qk_tensors, (2, 1, 128, 260), {}, inv_root="quintic")

@@ -11,6 +11,7 @@ from torch import nn
 from cm_triton import CompositionalMuon, cm_ov, cm_qk, param_groups
 from cm_triton.demo import GPT, GPTConfig
 from cm_triton.reference import msign
+from cm_triton.schedules import MUON_COEFFICIENTS
 
 
 def _ids(groups):
@@ -116,7 +117,7 @@ def test_one_step_equals_the_functional_calls():
               *z, head_dim=8, eta=0.05, weight_decay=0.1)  # fmt: skip
         for w in (a.mlp.weight, ref[1].weight, ref.tall.weight):  # Muon, first step: buf = g
             g = w.grad
-            upd = msign((g + 0.95 * g)[None])[0]
+            upd = msign((g + 0.95 * g)[None], MUON_COEFFICIENTS)[0]  # Muon groups' default
             w.mul_(1 - 0.05 * 0.1).add_(upd, alpha=-0.05 * max(1, w.shape[0] / w.shape[1]) ** 0.5)
     adam_params = [a.o_proj.bias, a.norm.weight]
     torch.optim.AdamW(adam_params, lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1).step()

@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import warnings
 
-import pytest
 import torch
+from helpers import optional
 from real_models import FAMILIES
 
 from cm_triton import CompositionalMuon, param_groups
 from cm_triton.discovery import UnhandledAttentionWarning
 
-peft = pytest.importorskip("peft")
+peft = optional("peft")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

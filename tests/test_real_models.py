@@ -11,13 +11,14 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import optional
 from real_models import FAMILIES, apply_gauge, forward, gauge_diff
 
 from cm_triton import CompositionalMuon, param_groups
 from cm_triton.discovery import UnhandledAttentionWarning
 
-pytest.importorskip("transformers")
-pytest.importorskip("timm")
+optional("transformers")
+optional("timm")
 
 ATTENTION = ("qk", "ov", "mha", "attention")
 

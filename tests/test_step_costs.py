@@ -69,6 +69,49 @@ def test_host_reads_per_step(nonfinite, reads):
     assert step_costs(Llama(), _cm(nonfinite=nonfinite)).reads == reads
 
 
+REAL_WIDTHS = {
+    "llama_d256": dict(n=2, d=256),
+    "block_d1024_mlp4d": dict(n=1, d=1024, hq=8, hkv=2, hidden=4096),
+}
+
+
+@pytest.mark.parametrize("chooser", ["every_phase", "h100_model"])
+@pytest.mark.parametrize("width", list(REAL_WIDTHS))
+def test_the_kernel_path_reads_in_place_at_real_widths(width, chooser, monkeypatch):
+    # Llama-shaped at d 256 (SwiGLU 688: Muon legs of 256 rows, two row blocks) and a d-1024
+    # block with a 4d MLP (Muon legs of 1024 rows, row-tiled), kernels stubbed
+    # (helpers.stub_kernels: they compute nothing; every torch op around them is the kernel
+    # path's own). "every_phase": each phase a kernel takes runs it (the CPU's chooser);
+    # "h100_model": each phase as on an H100, by the cost model (the stack torch would form
+    # charged to torch). Either way nothing big is stacked: the copies are the weights'
+    # write-back (2 units of the CM and Muon share), plus, where the model gives the dh x dh
+    # algebra of a few heads to torch, the partner roots its KV groups share repeated per head
+    # for it (first and last maps: 2 x 2 units of Hq R^2 fp32 per layer, R <= 128).
+    from cm_triton import cost_model, dispatch
+
+    if chooser == "h100_model":
+        h100 = cost_model.GPUS["H100"]
+
+        def as_on_h100(phase, b, h, dh, n, device, stacked=0):
+            return cost_model.prefer_kernel(phase, b, h, dh, n, h100, stacked)
+
+        monkeypatch.setattr(dispatch, "use_kernel", as_on_h100)
+    cfg = REAL_WIDTHS[width]
+    model = Llama(**cfg)
+    pbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    share = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                if p.ndim == 2 and "embed" not in n and "lm_head" not in n) / pbytes  # fmt: skip
+    hq, layers = cfg.get("hq", 8), cfg["n"]
+    roots = 2 * 2 * layers * hq * 128**2 * 4 / pbytes if chooser == "h100_model" else 0.0
+    costs = step_costs(model, _cm(backend="triton"), stub=True)
+    assert costs.by_op.get("stack", 0) < 1e-3, costs.by_op  # offsets and flags only
+    assert costs.by_op["_foreach_copy_"] == pytest.approx(2 * share, rel=1e-6), costs.by_op
+    assert costs.copies <= 2 * share + roots + 1e-3, (costs.by_op, 2 * share, roots)
+    assert costs.triton["gram"] >= 2 and costs.triton["map"] >= 2, costs.triton
+    if chooser == "every_phase":
+        assert costs.copies <= 2.0, costs.by_op
+
+
 STEADY = [
     {},
     {"nonfinite": "skip"},

@@ -37,23 +37,42 @@ class TargetLimits:
         return self.max_threads_per_sm // self.warp_size
 
 
+# Per compute capability, from the CUDA C++ Programming Guide's "Technical Specifications per
+# Compute Capability" (shared memory per SM and per block, resident threads and blocks per SM;
+# 64K registers and 255 per thread on all of these); SM counts and clocks are of the named part.
 LIMITS: dict[int, TargetLimits] = {
+    80: TargetLimits(
+        name="A100 SXM (sm_80)", arch=80, sm_count=108, max_threads_per_sm=2048,
+        smem_per_sm=164 * 1024, max_smem_per_block=163 * 1024,
+        sm_clock_khz=1_410_000, mem_clock_khz=1_593_000, mem_bus_width=5120,
+    ),
+    86: TargetLimits(
+        name="RTX 3090 (sm_86)", arch=86, sm_count=82, max_threads_per_sm=1536,
+        max_blocks_per_sm=16, smem_per_sm=100 * 1024, max_smem_per_block=99 * 1024,
+    ),
+    89: TargetLimits(
+        name="RTX 4090 (sm_89)", arch=89, sm_count=128, max_threads_per_sm=1536,
+        max_blocks_per_sm=24, smem_per_sm=100 * 1024, max_smem_per_block=99 * 1024,
+    ),
     90: TargetLimits(
         name="H100 SXM (sm_90)", arch=90, sm_count=132, max_threads_per_sm=2048,
         smem_per_sm=228 * 1024, max_smem_per_block=227 * 1024,
         sm_clock_khz=1_980_000, mem_clock_khz=2_619_000, mem_bus_width=5120,
     ),
-    80: TargetLimits(
-        name="A100 SXM (sm_80)", arch=80, sm_count=108, max_threads_per_sm=2048,
-        smem_per_sm=164 * 1024, max_smem_per_block=163 * 1024,
-        sm_clock_khz=1_410_000, mem_clock_khz=1_593_000, mem_bus_width=5120,
+    100: TargetLimits(
+        name="B200 (sm_100)", arch=100, sm_count=148, max_threads_per_sm=2048,
+        smem_per_sm=228 * 1024, max_smem_per_block=227 * 1024,
+    ),
+    120: TargetLimits(
+        name="RTX 5090 (sm_120)", arch=120, sm_count=170, max_threads_per_sm=1536,
+        max_blocks_per_sm=32, smem_per_sm=128 * 1024, max_smem_per_block=99 * 1024,
     ),
 }  # fmt: skip
 """Limits per compute capability (H200 has the same SM as H100 SXM: 132 SMs, 228 KB)."""
 
 
 def limits_for(arch: int) -> TargetLimits:
-    """The ``TargetLimits`` of compute capability ``arch`` (80 or 90)."""
+    """The ``TargetLimits`` of compute capability ``arch`` (a key of ``LIMITS``)."""
     try:
         return LIMITS[arch]
     except KeyError:

@@ -18,9 +18,10 @@ from torch import Tensor
 from cm_triton.kernels.common import (
     DOT_PRECISION,
     MAX_HEAD_DIM,
-    TUNING,
     _block,
+    launch_options,
     on_device,
+    tuning,
     unsupported,
 )
 from cm_triton.schedules import INV_SQRT_QUINTIC
@@ -39,7 +40,7 @@ def _mm(a_ptr, b_ptr, c_ptr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
             ks = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(a_ptr + rows[:, None] * BLOCK_R + ks[None, :])
             b = tl.load(b_ptr + ks[:, None] * BLOCK_R + cols[None, :])
-            acc += tl.dot(a, b, input_precision=PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         tl.store(c_ptr + rows[:, None] * BLOCK_R + cols[None, :], acc)
     tl.debug_barrier()
 
@@ -202,12 +203,12 @@ def _run_maps(mode: int, s_or_r: Tensor, t: Tensor | None, root: Tensor | None,
     rr = torch.empty_like(tt)
     scratch = torch.empty(n, 5, block, block, dtype=torch.float32, device=s_or_r.device)
     coef = device_constant(coefficients or [(1.0, 0.0, 0.0)], torch.float32, s_or_r.device)
-    warps, block_m, block_k = TUNING["maps"][block]
+    warps, block_m, block_k = tuning("maps", block)
     with on_device(s_or_r):
         _maps_kernel[(n,)](
             src, rootp, tin, tt, rr, scratch, coef, 0, len(coefficients), r, n // roots,
             MODE=mode, HAS_ROOT=root is not None, BLOCK_R=block, BLOCK_M=block_m, BLOCK_K=block_k,
-            PRECISION=DOT_PRECISION, num_warps=warps,
+            PRECISION=DOT_PRECISION, num_warps=warps, **launch_options(),
         )  # fmt: skip
     return tt[:, :r, :r].reshape(shape), rr[:, :r, :r].reshape(shape)
 
@@ -273,11 +274,11 @@ def inv_sqrt(a: Tensor, method: str = "newton", floor: float = 0.0) -> Tensor:
     z = torch.empty(n, block, block, dtype=torch.float32, device=a.device)
     scratch = torch.empty(n, 4, block, block, dtype=torch.float32, device=a.device)
     coef = device_constant(INV_SQRT_QUINTIC, torch.float32, a.device)
-    warps, block_m, block_k = TUNING["maps"][block]
+    warps, block_m, block_k = tuning("inv_sqrt", block)
     with on_device(a):
         _inv_sqrt_kernel[(n,)](
             ap, z, scratch, coef, len(INV_SQRT_QUINTIC), r,
             BLOCK_R=block, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=DOT_PRECISION,
-            num_warps=warps,
+            num_warps=warps, **launch_options(),
         )  # fmt: skip
     return z[:, :r, :r].reshape(a.shape)

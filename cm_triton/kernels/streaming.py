@@ -31,10 +31,12 @@ from torch import Tensor
 
 from cm_triton.kernels.common import (
     DOT_PRECISION,
-    TUNING,
     _chunk,
+    gram_row_cap,
+    launch_options,
     on_device,
     streams_take,
+    tuning,
     unsupported,
 )
 from cm_triton.reference.phases import group_size
@@ -103,32 +105,36 @@ def _form(f, x0, x1, x2, h, rows, cols, mask, a1, b1, a2, b2, sc,
 
 @triton.jit
 def _gram_kernel(
-    x0, x1, x2, mo_ptr, f0, f1, f2, fo, gram_ptr, pairs_ptr, scale_ptr, scale_sb, a1, b1, a2,
-    b2, H, R, N, C, CHUNK, KB, NQ, s0h, s0r, s0n, s1h, s1r, s1n, s2h, s2r, s2n, soh, sor, son,
+    x0, x1, x2, mo_ptr, f0, f1, f2, fo, gram_ptr, pairs_ptr, blocks_ptr, scale_ptr, scale_sb,
+    a1, b1, a2, b2, H, R, N, C, CHUNK, KB, NB, NQ, s0h, s0r, s0n, s1h, s1r, s1n, s2h, s2r, s2n,
+    soh, sor, son,
     HAS_X2: tl.constexpr, WRITE_M: tl.constexpr, SAME: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # SAME: every pair is a form with itself in one row block (the default stream: W W^T and
     # D D^T), so one tile per step is live, as spill-free tiling at dh 128 on sm_80 needs.
-    # With WRITE_M the first pair is (F2, F2) and its j == 0 programs write F1 = m_new.
+    # A taller leg's row blocks: the block pairs (i, j) of the table at ``blocks_ptr`` (NB of
+    # them: i <= j only when every pair is a form with itself, the Gram being symmetric).
+    # With WRITE_M the first pair is (F2, F2) and its i == j programs write F1 = m_new.
     # The forms F1, F2 (the momentum and the direction) enter the Grams scaled by the batch
     # entry's power of two (``scale``: exact), so no finite gradient overflows them; m_new is
     # written unscaled.
-    q, c, bh, b, h = _entry(tl.program_id(0), NQ, C, H)  # q: (pair, row block i, block j)
+    q, c, bh, b, h = _entry(tl.program_id(0), NQ, C, H)  # q: (pair, block pair)
     sc = tl.load(scale_ptr + b * scale_sb)
     # Each operand's batch entry b at its own offset (layers read where they live: tables.py)
     x0 = _at(x0, f0, b, ALIGNED)
     x1 = _at(x1, f1, b, ALIGNED)
     x2 = _at(x2, f2, b, ALIGNED)
     mo_ptr = _at(mo_ptr, fo, b, ALIGNED)
-    pair = (q // (KB * KB)).to(tl.int64)
-    i = (q // KB) % KB
-    j = q % KB
+    pair = (q // NB).to(tl.int64)
+    t = (q % NB).to(tl.int64)
+    i = tl.load(blocks_ptr + 2 * t)
+    j = tl.load(blocks_ptr + 2 * t + 1)
     fa = tl.load(pairs_ptr + 2 * pair)
     fb = tl.load(pairs_ptr + 2 * pair + 1)
     same = (fa == fb) & (i == j)
-    write = (pair == 0) & (j == 0)
+    write = (pair == 0) & (i == j)
     ar = tl.arange(0, BLOCK_R)
     rows_i = i * BLOCK_R + ar
     rows_j = j * BLOCK_R + ar
@@ -160,7 +166,7 @@ def _gram_kernel(
             mask_j = (rows_j < R)[:, None] & cm
             xb = _form(fb, x0, x1, x2, h, rows_j, cols, mask_j, a1, b1, a2, b2, sc, s0h, s0r,
                        s0n, s1h, s1r, s1n, s2h, s2r, s2n, HAS_X2)  # fmt: skip
-        acc += tl.dot(xa, tl.trans(xb), input_precision=PRECISION)
+        acc = tl.dot(xa, tl.trans(xb), acc, input_precision=PRECISION)
     rp = KB * BLOCK_R
     bhs = tl.num_programs(0) // (C * NQ)  # B H
     base = gram_ptr + ((pair * bhs + bh) * C + c) * rp * rp
@@ -190,6 +196,27 @@ def _per_entry(name: str, value: Tensor | None, b: int, device: torch.device) ->
     return v, int(v.numel() > 1)
 
 
+def _block_pairs(kb: int, symmetric: bool, device: torch.device) -> tuple[Tensor, int]:
+    """The row-block pairs (i, j) a Gram's programs compute, as a device table (made once):
+    every pair, or i <= j only for a symmetric Gram (the rest mirrored, ``_mirror``)."""
+    blocks = [(i, j) for i in range(kb) for j in range(kb) if j >= i or not symmetric]
+    return device_constant(blocks, torch.int32, device), len(blocks)
+
+
+_LOWER: dict[tuple, Tensor] = {}
+
+
+def _mirror(full: Tensor, block: int) -> Tensor:
+    """``(..., rp, rp)`` with only its row blocks i <= j computed -> the symmetric whole: each
+    block below the diagonal is its mirror's transpose (the mask made on the device, once)."""
+    rp = full.shape[-1]
+    key = (full.device, rp, block)
+    if key not in _LOWER:
+        ids = torch.arange(rp, device=full.device) // block
+        _LOWER[key] = ids[:, None] > ids[None, :]
+    return torch.where(_LOWER[key], full.mT, full)
+
+
 def _grams(x0: Tensor, x1: Tensor, x2: Tensor | None, coef: tuple[float, ...],
            pairs: list[tuple[int, int]], m_out: Tensor | None,
            scale: Tensor | None = None) -> list[Tensor]:  # fmt: skip
@@ -197,28 +224,34 @@ def _grams(x0: Tensor, x1: Tensor, x2: Tensor | None, coef: tuple[float, ...],
     times ``scale``, one per batch entry)."""
     b, h, r, n = x0.shape
     # Cross pairs (W D^T, joint's groups) keep two tiles live: 64-row blocks stay spill-free
-    # on sm_80 where 128-row ones do not (bench/results/compile_report.md).
+    # where 128-row ones do not, as do Grams of one form on mma.sync targets (gram_row_cap;
+    # bench/results/compile_report.md).
     diagonal = all(fa == fb for fa, fb in pairs)
-    block_r, kb = _row_blocks(r, 128 if diagonal else 64)
+    block_r, kb = _row_blocks(r, gram_row_cap() if diagonal else 64)
     same = kb == 1 and diagonal
-    warps, block_n, _ = TUNING["stream" if same else "stream_cross"][block_r]
-    chunk = _chunk(b, h * kb * kb, n, block_n)
+    warps, block_n, _ = tuning("stream" if same else "stream_cross", block_r)
+    blocks, nb = _block_pairs(kb, diagonal, x0.device)
+    chunk = _chunk(b, h * nb, n, block_n)
     c = triton.cdiv(n, chunk)
     rp = kb * block_r
     grams = torch.empty(len(pairs), b * h, c, rp, rp, dtype=torch.float32, device=x0.device)
     table = device_constant(pairs, torch.int32, x0.device)
     scales, scale_sb = _per_entry("scale", scale, b, x0.device)
     ops = [_operand(x) for x in (x0, x1, x1 if x2 is None else x2, x1 if m_out is None else m_out)]
-    nq = len(pairs) * kb * kb
+    nq = len(pairs) * nb
     with on_device(x0):
         _gram_kernel[(b * h * c * nq,)](
-            *(o[0] for o in ops), *(o[1] for o in ops), grams, table, scales, scale_sb,
-            *(float(v) for v in coef), h, r, n, c, chunk, kb, nq, *(s for o in ops for s in o[3:]),
+            *(o[0] for o in ops), *(o[1] for o in ops), grams, table, blocks, scales, scale_sb,
+            *(float(v) for v in coef), h, r, n, c, chunk, kb, nb, nq,
+            *(s for o in ops for s in o[3:]),
             HAS_X2=x2 is not None, WRITE_M=m_out is not None, SAME=same,
             ALIGNED=all(o[2] for o in ops), BLOCK_R=block_r, BLOCK_N=block_n,
-            PRECISION=DOT_PRECISION, num_warps=warps,
+            PRECISION=DOT_PRECISION, num_warps=warps, **launch_options(),
         )  # fmt: skip
-    full = grams.sum(2)[:, :, :r, :r]  # fixed-order sum over the chunks: deterministic
+    full = grams.sum(2)  # fixed-order sum over the chunks: deterministic
+    if diagonal and kb > 1:
+        full = _mirror(full, block_r)
+    full = full[:, :, :r, :r]
     return list(full.reshape(len(pairs), b, h, r, r).unbind(0))
 
 
@@ -275,11 +308,11 @@ def _combo(
         d = _load(m_ptr, h, ks, cols, smh, smr, smn, dmask)
         if NESTEROV:
             d = _load(g_ptr, h, ks, cols, sgh, sgr, sgn, dmask) + beta * d
-        acc += tl.dot(t, d, input_precision=PRECISION)
+        acc = tl.dot(t, d, acc, input_precision=PRECISION)
         if HAS_TW:
             tw = tl.load(tw_ptr + rows[:, None] * RP + ks[None, :])
             wv = _load(w_ptr, h, ks, cols, swh, swr, swn, dmask)
-            acc += tl.dot(tw, wv, input_precision=PRECISION)
+            acc = tl.dot(tw, wv, acc, input_precision=PRECISION)
     return acc
 
 
@@ -288,14 +321,15 @@ def _map_kernel(
     w_ptr, wo_ptr, g_ptr, m_ptr, fw, fo, fg, fm, t_ptr, tw_ptr, step_ptr, step_val, step_sb,
     gram_ptr, decay, beta, H, R, N, C, CHUNK, KB, NQ, GT, swh, swr, swn, soh, sor, son, sgh,
     sgr, sgn, smh, smr, smn, MODE: tl.constexpr, HAS_TW: tl.constexpr, HAS_W: tl.constexpr,
-    STEP_PTR: tl.constexpr, NESTEROV: tl.constexpr,
-    ONE_BLOCK: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr,
+    STEP_PTR: tl.constexpr, NESTEROV: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """MODE 0: ``out = decay W - step X``; MODE 1: partial Grams ``X_i X_j^T``; MODE 2:
-    ``out = decay W - step X`` for a given ``X`` (read at ``m_ptr``: no maps). ``step``: entry
-    ``b`` of a device tensor at ``step_ptr + b * step_sb`` (``STEP_PTR``), else ``step_val``."""
-    q, c, bh, b, h = _entry(tl.program_id(0), NQ, C, H)  # q: the row block (or i, j pair)
+    """MODE 0: ``out = decay W - step X``; MODE 1: the partial Gram ``X X^T`` of a leg of one
+    row block (a taller leg's restart forms X with MODE 0 and takes its Gram with the Gram
+    kernel: ``restart_gram``); MODE 2: ``out = decay W - step X`` for a given ``X`` (read at
+    ``m_ptr``: no maps). ``step``: entry ``b`` of a device tensor at ``step_ptr + b * step_sb``
+    (``STEP_PTR``), else ``step_val``."""
+    q, c, bh, b, h = _entry(tl.program_id(0), NQ, C, H)  # q: the row block
     w_ptr = _at(w_ptr, fw, b, ALIGNED)
     wo_ptr = _at(wo_ptr, fo, b, ALIGNED)
     g_ptr = _at(g_ptr, fg, b, ALIGNED)
@@ -332,28 +366,16 @@ def _map_kernel(
             tl.store(wo_ptr + h * soh + rows[:, None] * sor + cols[None, :] * son,
                      out.to(wo_ptr.dtype.element_ty), mask=mask)  # fmt: skip
     else:
-        i = q // KB
-        j = q % KB
-        rows_i = i * BLOCK_R + ar
-        rows_j = j * BLOCK_R + ar
         acc = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
         for n0 in range(start, stop, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < stop
-            xi = _combo(t_ptr, tw_ptr, w_ptr, g_ptr, m_ptr, h, rows_i, cols, cmask, beta,
-                        R, rp, swh, swr, swn, sgh, sgr, sgn, smh, smr, smn, HAS_TW, NESTEROV,
-                        BLOCK_R, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
-            if ONE_BLOCK:
-                xj = xi
-            elif i == j:
-                xj = xi
-            else:
-                xj = _combo(t_ptr, tw_ptr, w_ptr, g_ptr, m_ptr, h, rows_j, cols, cmask,
-                            beta, R, rp, swh, swr, swn, sgh, sgr, sgn, smh, smr, smn, HAS_TW,
-                            NESTEROV, BLOCK_R, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
-            acc += tl.dot(xi, tl.trans(xj), input_precision=PRECISION)
+            x = _combo(t_ptr, tw_ptr, w_ptr, g_ptr, m_ptr, h, ar, cols, cmask, beta, R, rp,
+                       swh, swr, swn, sgh, sgr, sgn, smh, smr, smn, HAS_TW, NESTEROV, BLOCK_R,
+                       BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
+            acc = tl.dot(x, tl.trans(x), acc, input_precision=PRECISION)
         base = gram_ptr + (bh * C + c) * rp * rp
-        tl.store(base + rows_i[:, None] * rp + rows_j[None, :], acc)
+        tl.store(base + ar[:, None] * rp + ar[None, :], acc)
 
 
 def _pad_maps(t: Tensor, b: int, h: int, r: int, rp: int) -> Tensor:
@@ -371,10 +393,11 @@ def _launch_maps(mode: int, w: Tensor, t: Tensor | None, t_w: Tensor | None, g: 
                  step: Tensor | float = 0.0, out: Tensor | None = None) -> Tensor:  # fmt: skip
     b, h, r, n = m.shape
     block_r, kb = _row_blocks(r)
+    assert mode != 1 or kb == 1, "a taller leg's restart is two passes (restart_gram)"
     phase = "restart" if mode == 1 else ("apply_tw" if t_w is not None else "apply")
-    warps, block_n, block_k = TUNING[phase][block_r]
+    warps, block_n, block_k = tuning(phase, block_r)
     rp = kb * block_r
-    blocks = kb if mode != 1 else kb * kb
+    blocks = kb
     chunk = _chunk(b, h * blocks, n, block_n)
     c = triton.cdiv(n, chunk)
     gt = group_size(t, h)  # GT heads share a map (grouped roots)
@@ -401,9 +424,9 @@ def _launch_maps(mode: int, w: Tensor, t: Tensor | None, t_w: Tensor | None, g: 
             blocks, gt,
             *(s for o in ops for s in o[3:]), MODE=mode, HAS_TW=t_w is not None,
             HAS_W=mode != 1 and decay != 0.0, STEP_PTR=steps is not None,
-            NESTEROV=bool(nesterov), ONE_BLOCK=kb == 1, ALIGNED=all(o[2] for o in ops),
+            NESTEROV=bool(nesterov), ALIGNED=all(o[2] for o in ops),
             BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=DOT_PRECISION,
-            num_warps=warps,
+            num_warps=warps, **launch_options(),
         )  # fmt: skip
     if mode == 1:
         return grams.sum(1)[:, :r, :r].reshape(b, h, r, r)
@@ -415,13 +438,20 @@ def restart_gram(
     w: Tensor | None = None, t_w: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """``reference.phases.restart_gram``, fused: ``X X^T`` for ``X = T D (+ T_W W)``, without
-    storing ``X``."""
+    storing ``X`` for a leg of one row block. A taller leg (joint's groups, Muon's legs) forms
+    X with the apply kernel and takes its Gram with the Gram kernel: fused, each block pair's
+    program would re-form both its row blocks of X from every row of D (kb times the
+    products, 2 kb times the reads: ``cost_model``), where two passes form each row once."""
     _check("restart", m_new, g, *(() if w is None else (w,)))
-    if t_w is not None:
-        # The reprojected direction's restart (T D + T_W W): formed by the apply kernel and
-        # its Gram taken by the Gram kernel, an explicit pass (one more write and read of X):
-        # fused, the two products per tile spill on sm_80 at dh 64 whatever the tiling.
+    block_r, kb = _row_blocks(m_new.shape[-2])
+    if t_w is not None or kb > 1 or block_r > gram_row_cap():
+        # Also the reprojected direction's restart (T D + T_W W): fused, its two products
+        # per tile spill on sm_80 at dh 64 whatever the tiling; and a 128-row block on
+        # mma.sync targets, whose fused 128 x 128 accumulator spills on sm_120 (32-456 bytes
+        # at every warp count and tile tried, bench/results/compile_report.md), as the Gram
+        # kernel's does (gram_row_cap).
         x = torch.empty(m_new.shape, dtype=torch.float32, device=m_new.device)
+        w = m_new if w is None else w  # read only with t_w (decay 0: no W term)
         x = _launch_maps(0, w, t, t_w, g, m_new, beta, nesterov, 0.0, -1.0, x)
         return _grams(x, x, None, (1.0, 0.0, 0.0, 1.0), [(0, 0)], None)[0]
     return _launch_maps(1, m_new, t, None, g, m_new, beta, nesterov)

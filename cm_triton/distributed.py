@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,16 +59,20 @@ from torch import Tensor
 
 from cm_triton.engine import compute_attention, compute_muon
 from cm_triton.groups import group_layout
+from cm_triton.head_plans import OVHeads, ov_heads, ov_sharded, qk_heads, varying_dims
 from cm_triton.layouts import get_layout
 from cm_triton.options import CMOptions
-from cm_triton.reference.muon import muon_direction
-from cm_triton.reference.phases import (
-    direction_scale,
-    fusable,
-    hybrid_update,
-    leg_update,
-    partner_roots_from_grams,
+from cm_triton.placement import (
+    Block,
+    Mesh,
+    blocks_of,
+    is_dtensor,
+    mesh_of,
+    placement_key,
+    shard_dim,
 )
+from cm_triton.reference.muon import muon_direction
+from cm_triton.reference.phases import direction_scale, fusable
 from cm_triton.reference.primitives import compute_dtype, ns_iterate
 
 __all__ = ["Comm", "comm_for", "O_SIGN_STRATEGIES", "REPLICATED", "o_sign_cost"]
@@ -81,86 +86,70 @@ def check_replicated(replicated: str) -> None:
         raise ValueError(f"replicated must be one of {REPLICATED}, got {replicated!r}")
 
 
-def _dtensor_cls():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return None
-    return DTensor
-
-
 def _placement(p: Tensor) -> str:
-    """``"shard0"``, ``"replicate"`` or ``"local"`` (a plain tensor); other layouts raise."""
-    dtensor = _dtensor_cls()
-    if dtensor is None or not isinstance(p, dtensor):
+    """``"sharded"``, ``"replicate"`` (a DTensor replicated on every mesh dimension) or
+    ``"local"`` (a plain tensor); a placement of another kind (``Partial``) raises."""
+    if not is_dtensor(p):
         return "local"
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import Replicate
 
-    (pl,) = p.placements if len(p.placements) == 1 else (None,)
-    if isinstance(pl, Shard) and pl.dim == 0:
-        return "shard0"
-    if isinstance(pl, Replicate):
+    if all(isinstance(pl, Replicate) for pl in p.placements):
         return "replicate"
+    if all(isinstance(pl, Replicate) or shard_dim(pl) is not None for pl in p.placements):
+        return "sharded"
     raise NotImplementedError(
-        f"CompositionalMuon supports DTensor parameters sharded by rows (Shard(0), FSDP2) or "
-        f"replicated on a 1-D mesh; got placements {p.placements} for a parameter of shape "
-        f"{tuple(p.shape)}"
+        f"CompositionalMuon takes DTensor parameters sharded (Shard, FSDP2's strided shards) or "
+        f"replicated; got placements {p.placements} for a parameter of shape {tuple(p.shape)}"
     )
+
+
+def _mesh_of_params(groups: list[dict]) -> Mesh | None:
+    """The root mesh of the optimizer's DTensor parameters (slices of one mesh share it)."""
+    meshes: list[Any] = []
+    for g in groups:
+        for p in g["params"]:
+            if is_dtensor(p):
+                _placement(p)
+                m = mesh_of(p)
+                if not any(m is x or m == x for x in meshes):
+                    meshes.append(m)
+    if not meshes:
+        return None
+    if len(meshes) > 1:
+        raise NotImplementedError("the optimizer's DTensor parameters live on different meshes "
+                                  "(not slices of one mesh)")  # fmt: skip
+    return Mesh(meshes[0])
 
 
 def comm_for(groups: list[dict], explicit: Any = None, o_sign: str = "auto",
              replicated: str = "split") -> Comm | None:  # fmt: skip
     """The communicator of the optimizer's parameters: ``explicit`` (a ``Comm``, a process
-    group or a 1-D ``DeviceMesh``), else the mesh of its DTensor parameters, else None.
-    ``replicated="every_rank"`` with no DTensor parameter: None (nothing to communicate)."""
+    group or a ``DeviceMesh``), else the mesh of its DTensor parameters (1-D or 2-D), else
+    None. ``replicated="every_rank"`` with no DTensor parameter: None (nothing to
+    communicate)."""
     check_replicated(replicated)
     if isinstance(explicit, Comm):
         return explicit
-    dtensor = _dtensor_cls()
+    mesh = _mesh_of_params(groups)
     if explicit is not None:
-        if hasattr(explicit, "get_group"):
-            if explicit.ndim != 1:
-                raise NotImplementedError(f"a 1-D device mesh is needed, got {explicit.ndim}-D")
-            explicit = explicit.get_group()
-        plain = dtensor is None or not any(isinstance(p, dtensor) for g in groups
-                                           for p in g["params"])  # fmt: skip
-        if replicated == "every_rank" and plain:
+        if hasattr(explicit, "get_group"):  # a DeviceMesh
+            return Comm(None, o_sign, replicated, mesh or Mesh(explicit))
+        if replicated == "every_rank" and mesh is None:
             return None
-        return Comm(explicit, o_sign, replicated)
-    meshes = []
-    for g in groups:
-        for p in g["params"]:
-            if dtensor is not None and isinstance(p, dtensor):
-                _placement(p)
-                if not meshes or p.device_mesh is not meshes[0] and p.device_mesh != meshes[0]:
-                    meshes.append(p.device_mesh)
-    if not meshes:
+        return Comm(explicit, o_sign, replicated, mesh)
+    if mesh is None:
         return None
-    if len(meshes) > 1:
-        raise NotImplementedError("the optimizer's DTensor parameters live on different meshes")
-    if meshes[0].ndim != 1:
-        raise NotImplementedError(f"a 1-D device mesh is needed, got {meshes[0].ndim}-D (HSDP)")
-    return Comm(meshes[0].get_group(), o_sign, replicated)
-
-
-def _rows(p: Tensor, world: int, rank: int) -> tuple[int, int, int]:
-    """``(start, stop, chunk)`` of this rank's rows of ``p`` (torch.chunk's split, as FSDP2)."""
-    n = p.shape[0]
-    if _placement(p) != "shard0":
-        return 0, n, n
-    chunk = -(-n // world)
-    start = min(rank * chunk, n)
-    return start, min(start + chunk, n), chunk
+    return Comm(None, o_sign, replicated, mesh)
 
 
 def o_sign_cost(n: int, d: int, world: int, flops_per_s: float = 2e14,
                 bytes_per_s: float = 5e10) -> dict[str, float]:  # fmt: skip
-    """Estimated seconds of the hybrid O sign of an ``n x d`` matrix (n = Hq dh rows, width d
-    sharded over ``world`` ranks), 8 Newton-Schulz steps, fp32 transfers. ``"gather"``: one
-    all_gather of the whole direction, every rank computes the whole sign; ``"sharded"``: each
-    step all-reduces ``X X^T`` (a ring all_reduce moves 2(W-1)/W of it), the big products are
-    split over ranks. Defaults: ~200 TFLOP/s of bf16 matmul, ~50 GB/s per rank between nodes
-    (assumptions, not measurements)."""
+    """Estimated seconds of the hybrid O sign of an ``n x d`` matrix (n <= d, the iterated
+    orientation) whose ``d`` columns are split over ``world`` ranks, 8 Newton-Schulz steps,
+    fp32 transfers. ``"gather"``: one all_gather of the whole direction, every rank computes
+    the whole sign; ``"sharded"``: each step all-reduces ``X X^T`` (a ring all_reduce moves
+    2(W-1)/W of it), the big products are split over ranks. Defaults: ~200 TFLOP/s of bf16
+    matmul, ~50 GB/s per rank between nodes (assumptions, not measurements)."""
     part = (world - 1) / world
     gather = 8 * (4 * n * n * d + 2 * n**3) / flops_per_s + 4 * n * d * part / bytes_per_s
     sharded = (8 * (4 * n * n * d / world + 2 * n**3) / flops_per_s
@@ -168,21 +157,45 @@ def o_sign_cost(n: int, d: int, world: int, flops_per_s: float = 2e14,
     return {"gather": gather, "sharded": sharded}
 
 
+@dataclass(frozen=True)
+class Group:
+    """A process group (``pg``; None: the default group) and its flat ranks, in its rank
+    order; ``index``: this rank's position."""
+
+    pg: Any
+    members: tuple[int, ...]
+    index: int
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+
 class Comm:
     """Explicit, counted collectives on one process group, and the distributed plans."""
 
-    def __init__(self, group: Any = None, o_sign: str = "auto", replicated: str = "split") -> None:
+    def __init__(self, group: Any = None, o_sign: str = "auto", replicated: str = "split",
+                 mesh: Mesh | None = None) -> None:  # fmt: skip
         if o_sign not in O_SIGN_STRATEGIES:
             raise ValueError(f"o_sign must be one of {O_SIGN_STRATEGIES}, got {o_sign!r}")
         check_replicated(replicated)
+        self.mesh = mesh
+        if mesh is not None and group is None:
+            group, self.world, self.rank = mesh.flat_group, mesh.world, mesh.rank
+        else:
+            self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+            if mesh is not None and (mesh.world, mesh.rank) != (self.world, self.rank):
+                raise ValueError("process_group: its ranks are not those of the parameters' mesh")
         self.group = group
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
+        self.flat = Group(group, tuple(range(self.world)), self.rank)
         self.o_sign = o_sign
         self.replicated = replicated
         self.counts: Counter = Counter()  # the last step's collectives, by kind
         self.sent: Counter = Counter()  # bytes this rank sent in them (ring algorithms)
         self.plans: Counter = Counter()  # the last step's plans, by name
+        self.by_plan: Counter = Counter()  # the last step's collectives, by the plan issuing them
+        self._current = "agree"
+        self._blocks: dict[tuple, list[Block]] = {}
         self._next_owner = 0  # Muon: the owner of the next matrix
         self._next_slot = 0  # replicated split: the rank computing the next batch's 1st chunk
 
@@ -190,43 +203,78 @@ class Comm:
         self.counts = Counter()
         self.sent = Counter()
         self.plans = Counter()
+        self.by_plan = Counter()
+        self._current = "agree"
         self._next_owner = 0
         self._next_slot = 0
 
-    def _record(self, kind: str, nbytes: float) -> None:
+    def _use(self, plan: str) -> None:
+        """Count ``plan`` and charge it the collectives that follow, until the next plan."""
+        self.plans[plan] += 1
+        self._current = plan
+
+    def _record(self, kind: str, nbytes: float, plan: str | None = None) -> None:
         self.counts[kind] += 1
         self.sent[kind] += nbytes
+        self.by_plan[plan or self._current] += 1
 
-    # -- collectives ------------------------------------------------------------------------
-    def all_reduce(self, t: Tensor) -> Tensor:
+    def sub(self, dims: tuple[int, ...]) -> Group:
+        """The group over the mesh dimensions ``dims``."""
+        assert self.mesh is not None
+        if len(dims) == self.mesh.ndim:
+            return self.flat
+        members = tuple(self.mesh.members(dims))
+        return Group(self.mesh.group(dims), members, members.index(self.rank))
+
+    def blocks(self, p: Tensor) -> list[Block]:
+        """Every rank's block of ``p`` (``placement.blocks_of``; a plain tensor: all of it)."""
+        if not is_dtensor(p):
+            n = p.shape[1] if p.dim() > 1 else 1
+            return [Block(0, p.shape[0], 0, n)] * self.world
+        key = (tuple(p.shape), placement_key(p))
+        if key not in self._blocks:
+            if self.mesh is None:
+                raise NotImplementedError("DTensor parameters need the optimizer's mesh")
+            self._blocks[key] = blocks_of(p, self.mesh)
+        return self._blocks[key]
+
+    # -- collectives (on the flat group unless ``grp`` names another) -----------------------
+    def all_reduce(self, t: Tensor, grp: Group | None = None) -> Tensor:
         """Sum over ranks, in place; returns ``t``."""
-        w = self.world
+        grp = grp or self.flat
+        if grp.size == 1:
+            return t
+        w = grp.size
         self._record("all_reduce", 2 * (w - 1) / w * t.numel() * t.element_size())
-        dist.all_reduce(t, group=self.group)
+        dist.all_reduce(t, group=grp.pg)
         return t
 
     def all_max(self, t: Tensor) -> Tensor:
         """Elementwise maximum over ranks (a new tensor)."""
         x = t.clone()
-        self._record("all_reduce", 2 * (self.world - 1) / self.world * x.numel() * x.element_size())
+        part = 2 * (self.world - 1) / self.world
+        self._record("all_reduce", part * x.numel() * x.element_size(), "agree")
         dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
         return x
 
     def all_true(self, flags: Tensor) -> Tensor:
         """Logical AND over ranks of a bool vector."""
         x = flags.to(torch.int32)
-        self._record("all_reduce", 2 * (self.world - 1) / self.world * x.numel() * 4)
+        self._record("all_reduce", 2 * (self.world - 1) / self.world * x.numel() * 4, "agree")
         dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.group)
         return x.bool()
 
-    def all_gather(self, t: Tensor) -> Tensor:
-        """``(W, *t.shape)``: every rank's ``t`` (equal shapes)."""
+    def all_gather(self, t: Tensor, grp: Group | None = None) -> Tensor:
+        """``(W, *t.shape)``: every rank's ``t`` (equal shapes), in the group's order."""
+        grp = grp or self.flat
         flat = t.contiguous().flatten()
-        out = flat.new_empty(self.world * flat.numel())
-        self._record("all_gather", (self.world - 1) * flat.numel() * flat.element_size())
+        if grp.size == 1:
+            return flat.view(1, *t.shape)
+        out = flat.new_empty(grp.size * flat.numel())
+        self._record("all_gather", (grp.size - 1) * flat.numel() * flat.element_size())
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(out, flat, group=self.group)
-        return out.view(self.world, *t.shape)
+        gather(out, flat, group=grp.pg)
+        return out.view(grp.size, *t.shape)
 
     def all_to_all(self, send: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
         out = send.new_empty(sum(recv_splits))
@@ -235,25 +283,40 @@ class Comm:
         dist.all_to_all_single(out, send, recv_splits, send_splits, group=self.group)
         return out
 
-    def gather_rows(self, stacks: list[Tensor], params: list[Tensor]) -> list[Tensor]:
-        """Full ``(L, N_i, ...)`` stacks from each rank's row shards ``stacks[i]`` of
-        ``params[i]`` (uneven and empty shards included): one all_gather for all of them."""
-        layout = [_rows(p, self.world, self.rank) for p in params]
-        flat = []
-        for st, (_, _, chunk) in zip(stacks, layout):
-            pad = chunk - st.shape[1]
-            flat.append(torch.nn.functional.pad(st.flatten(2), (0, 0, 0, pad)).flatten())
+    def gather_blocks(self, stacks: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+        """Full ``(L, N_i, M_i, ...)`` stacks from each rank's blocks ``stacks[i]`` of
+        ``params[i]`` (uneven, empty and replicated blocks included): one all_gather of the
+        DTensors' blocks (a plain tensor is whole on every rank: used as it is)."""
+        sharded = [i for i, p in enumerate(params) if is_dtensor(p)]
+        layout = {i: self.blocks(params[i]) for i in sharded}
+        pads = {i: (max(b.size[0] for b in bl), max(b.size[1] for b in bl))
+                for i, bl in layout.items()}  # fmt: skip
+
+        def padded(st: Tensor, rm: int, cm: int) -> Tensor:  # (L, r, c, rest) padded to rm, cm
+            x = st if st.dim() > 2 else st.unsqueeze(-1)
+            pad = [0, 0] * (x.dim() - 3) + [0, cm - x.shape[2], 0, rm - x.shape[1]]
+            return torch.nn.functional.pad(x, pad)
+
+        flat = [padded(stacks[i], *pads[i]).flatten() for i in sharded]
         sizes = [f.numel() for f in flat]
-        every = self.all_gather(torch.cat(flat))  # (W, sum sizes)
-        out = []
-        for i, (st, p, size) in enumerate(zip(stacks, params, sizes)):
-            off = sum(sizes[:i])
-            chunk = layout[i][2]
-            blocks = every[:, off : off + size].reshape(self.world, st.shape[0], chunk, -1)
-            n = p.shape[0]
-            full = blocks.transpose(0, 1).reshape(st.shape[0], self.world * chunk, -1)[:, :n]
-            out.append(full.reshape(st.shape[0], n, *st.shape[2:]))
+        every = self.all_gather(torch.cat(flat)) if flat else None  # (W, sum sizes)
+        out, off = list(stacks), 0
+        for i, size in zip(sharded, sizes):
+            st, p, (rm, cm) = stacks[i], params[i], pads[i]
+            shape = (st.shape[0], *p.shape)
+            full = st.new_empty(shape if st.dim() > 2 else (*shape, 1))
+            rest = tuple(full.shape[3:])
+            for r, blk in enumerate(layout[i]):
+                piece = every[r, off : off + size].view(st.shape[0], rm, cm, *rest)
+                full[:, blk.rows, blk.cols] = piece[:, : blk.size[0], : blk.size[1]]
+            out[i] = full.view(shape)
+            off += size
         return out
+
+    def own(self, full: Tensor, p: Tensor) -> Tensor:
+        """This rank's block of a full ``(L, *p.shape)`` stack."""
+        blk = self.blocks(p)[self.rank]
+        return full[:, blk.rows, blk.cols] if full.dim() > 2 else full[:, blk.rows]
 
     def split(self, n: int) -> tuple[slice, int, int]:
         """This rank's share of a replicated batch of ``n`` entries: ``(entries, chunk,
@@ -293,44 +356,144 @@ class Comm:
         where = [_placement(p) for p in params]
         layout = group_layout(group0)
         if self.replicated == "split" and all(w == "local" for w in where):
-            self.plans["replicated_split"] += 1
+            self._use("replicated_split")
             return self._split_attention(layout, weights, grads, moms, group0, opts, prims, amax)
-        if all(w != "shard0" for w in where):
-            self.plans["local"] += 1
+        if all(w != "sharded" for w in where):
+            self._use("local")
             return compute_attention(layout, weights, grads, moms, group0, opts, prims, amax)
-        kind, dh, w = group0["kind"], group0["head_dim"], self.world
-        even = all(w_ == "shard0" and p.shape[0] % (w * dh) == 0 for w_, p in zip(where, params))
-        if kind == "qk" and even and not opts.per_mat_renorm:
-            self.plans["qk_local"] += 1
-            hq, hkv = params[0].shape[0] // dh, params[1].shape[0] // dh
-            loc = get_layout("qk", hq // w, hkv // w, dh)
-            return compute_attention(loc, weights, grads, moms, group0, opts, prims, amax)
-        v, o = params if kind == "ov" else (None, None)
-        ov_ok = kind == "ov" and where == ["shard0", "shard0"] and v.shape[0] % (w * dh) == 0
-        if ov_ok and fusable(opts, dh, o.shape[0], v.shape[1]) and not opts.per_mat_renorm:
-            self.plans["ov_sharded"] += 1
-            scale = None if amax is None else direction_scale(*amax)
-            return self._ov_sharded(dh, params, weights, grads, moms, opts, prims, scale)
-        self.plans["gather"] += 1
+        plan = self._head_plan(group0, params, opts)
+        if plan is not None:
+            return plan(weights, grads, moms, group0, opts, prims, amax)
+        self._use("gather")
         n = len(params)
         if opts.momentum_reproject or layout.muon:  # these read the whole momentum
-            full = self.gather_rows([*weights, *grads, *moms], params * 3)
+            full = self.gather_blocks([*weights, *grads, *moms], params * 3)
             new_w, new_m = compute_attention(layout, full[:n], full[n : 2 * n], full[2 * n :],
                                              group0, opts, prims, amax)  # fmt: skip
-            return [self._own_rows(x, p) for x, p in zip(new_w, params)], [
-                self._own_rows(x, p) for x, p in zip(new_m, params)
-            ]
+            return ([self.own(x, p) for x, p in zip(new_w, params)],
+                    [self.own(x, p) for x, p in zip(new_m, params)])  # fmt: skip
         # The momentum update is elementwise: done here on the shards, and only the weights and
         # the direction are gathered. The rule then sees the direction as a gradient with zero
         # momentum and beta 0: m = 0 * 0 + D = D exactly, so its arithmetic is unchanged.
         new_m = [opts.beta * m + g for m, g in zip(moms, grads)]
         dirs = [g + opts.beta * m if opts.nesterov else m for g, m in zip(grads, new_m)]
-        full = self.gather_rows([*weights, *dirs], params * 2)
+        full = self.gather_blocks([*weights, *dirs], params * 2)
         plain = dataclasses.replace(opts, beta=0.0, nesterov=False)
         zeros = [torch.zeros_like(x) for x in full[n:]]
         new_w, _ = compute_attention(layout, full[:n], full[n:], zeros, group0, plain, prims,
                                      amax)  # fmt: skip
-        return [self._own_rows(x, p) for x, p in zip(new_w, params)], new_m
+        return [self.own(x, p) for x, p in zip(new_w, params)], new_m
+
+    def _head_plan(self, group0: dict, params: list[Tensor], opts: CMOptions):
+        """The plan that keeps a separate q/k or v/o pair's legs where its heads live
+        (``head_plans``), or None (gathered). Every rank answers the same."""
+        kind, dh = group0["kind"], group0["head_dim"]
+        if kind not in ("qk", "ov") or opts.per_mat_renorm or len(params) != 2:
+            return None  # per_mat_renorm: its norms span every head
+        blocks = [self.blocks(p) for p in params]
+        shapes = tuple(tuple(p.shape) for p in params)
+        coords = self.mesh.coords if self.mesh is not None else [(r,) for r in range(self.world)]
+        if kind == "qk":
+            hq, hkv = shapes[0][0] // dh, shapes[1][0] // dh
+            heads = qk_heads(blocks[0], blocks[1], shapes, dh, hq // hkv)
+            if heads is None:
+                return None
+            a, b_ = heads[self.rank]
+            self._use("qk_local")
+            loc = get_layout("qk", (b_ - a) * (hq // hkv), b_ - a, dh)
+            return lambda w, g, m, grp, o, pr, amax: compute_attention(loc, w, g, m, grp, o, pr,
+                                                                       amax)  # fmt: skip
+        hkv, hq = shapes[0][0] // dh, shapes[1][1] // dh
+        g = hq // hkv
+        heads = ov_heads(blocks[0], blocks[1], shapes, dh, g, coords)
+        if heads is None:
+            return None
+        mine = heads[self.rank]
+        uni = mine.universe[1] - mine.universe[0]
+        if mine.width_dim is None:  # o's rows whole: every leg local, the hybrid sign gathered
+            self._use("ov_local")
+            loc = get_layout("ov", uni * g, uni, dh)
+
+            def local(w, gr, m, grp, o, pr, amax):
+                if o.hybrid:
+                    pr = dataclasses.replace(pr, whole_msign=self._whole_sign(heads, blocks[1],
+                                                                              o, pr))  # fmt: skip
+                return compute_attention(loc, w, gr, m, grp, o, pr, amax)
+
+            return local
+        if not fusable(opts, dh, shapes[1][0], shapes[0][1]):
+            return None
+        self._use("ov_sharded")
+        width = self.sub((mine.width_dim,))
+
+        def sharded(w, gr, m, grp, o, pr, amax):
+            scale = None if amax is None else direction_scale(*amax)
+            return ov_sharded(self, dh, g, heads, blocks[1], width, w, gr, m, o, pr, scale)
+
+        return sharded
+
+    def _whole_sign(self, heads: list[OVHeads], o_blocks: list[Block], opts: CMOptions, prims,
+                    width: bool = False):  # fmt: skip
+        """The hybrid O sign of this rank's part ``(B, rows, cols)`` of the whole matrix: its
+        heads' rows (``rows / (its KV heads)`` rows per KV head, in the global head order) and
+        its width's columns (``width``: o's rows; else all). Over the ranks whose part differs
+        (the group of the mesh dimensions along which o's block varies): ``"gather"`` (one
+        all_gather, the single-process sign, each keeps its part) or ``"sharded"``
+        (Newton-Schulz with its Grams all-reduced, where only one of rows and columns is
+        split), by ``o_sign`` (``"auto"``: ``o_sign_cost``)."""
+        coords = self.mesh.coords
+        dims = tuple(sorted(set(varying_dims(o_blocks, coords, "rows"))
+                            | set(varying_dims(o_blocks, coords, "cols"))))  # fmt: skip
+        grp = self.sub(dims)
+        mine = heads[self.rank]
+
+        def sign(x: Tensor, coefficients, dtype, how="ns", restart=0) -> Tensor:
+            per = x.shape[-2] // (mine.universe[1] - mine.universe[0])
+            n_all = per * max(h.universe[1] for h in heads)
+            d_all = max(b.r1 for b in o_blocks) if width else x.shape[-1]
+            parts = [(heads[r].universe[0] * per, heads[r].universe[1] * per,
+                      *((o_blocks[r].r0, o_blocks[r].r1) if width else (0, d_all)))
+                     for r in grp.members]  # fmt: skip
+            rows_split = len({p[:2] for p in parts}) > 1
+            cols_split = len({p[2:] for p in parts}) > 1
+            strategy = self.o_sign
+            if rows_split and cols_split:
+                strategy = "gather"
+            elif strategy == "auto":
+                n, d = (n_all, d_all) if cols_split else (d_all, n_all)
+                cost = o_sign_cost(min(n, d), max(n, d), grp.size)
+                strategy = min(cost, key=cost.get)
+            if strategy == "sharded" and (n_all > d_all if cols_split else d_all > n_all):
+                strategy = "gather"  # the sharded iteration runs on the wide orientation only
+            self.plans[f"o_sign_{strategy}"] += 1
+            if strategy == "sharded":
+                if cols_split:
+                    return self.sharded_msign(x, coefficients, dtype, grp)
+                return self.sharded_msign(x.mT, coefficients, dtype, grp).mT
+            rm = max(p[1] - p[0] for p in parts)
+            cm = max(p[3] - p[2] for p in parts)
+            pad = torch.nn.functional.pad(x, (0, cm - x.shape[-1], 0, rm - x.shape[-2]))
+            every = self.all_gather(pad, grp)  # (W, B, rm, cm)
+            full = x.new_empty(x.shape[0], n_all, d_all)
+            for piece, (r0, r1, c0, c1) in zip(every, parts):
+                full[:, r0:r1, c0:c1] = piece[:, : r1 - r0, : c1 - c0]
+            u = prims.msign(full, coefficients, dtype, how, restart)
+            r0, r1, c0, c1 = parts[grp.index]
+            return u[:, r0:r1, c0:c1]
+
+        return sign
+
+    def sharded_msign(self, x: Tensor, coefficients, dtype, grp: Group | None = None) -> Tensor:
+        """``msign`` of ``(B, n, d)`` matrices whose width d is sharded over ``grp`` (``x``
+        holds this rank's columns), by Newton-Schulz with ``X X^T`` all-reduced each step
+        (n <= d)."""
+        out_dtype = compute_dtype(x.dtype)
+        y = x.to(out_dtype)
+        sq = self.all_reduce(y.square().sum((-2, -1)), grp)
+        y = y / (sq.sqrt()[:, None, None] * 1.01 + 1e-7)
+        y = ns_iterate(y.to(dtype or out_dtype), coefficients,
+                       lambda t: self.all_reduce(t, grp))  # fmt: skip
+        return y.to(out_dtype)
 
     def _split_attention(self, layout, weights, grads, moms, group0, opts: CMOptions, prims,
                          amax=None):  # fmt: skip
@@ -358,93 +521,6 @@ class Comm:
             layout, weights, grads, moms, group0, opts
         )
 
-    def _own_rows(self, full: Tensor, p: Tensor) -> Tensor:
-        start, stop, _ = _rows(p, self.world, self.rank)
-        return full[:, start:stop]
-
-    def _ov_sharded(self, dh: int, params, weights, grads, moms, opts: CMOptions, prims,
-                    scale=None):  # fmt: skip
-        """OV with V heads split evenly and o_w's rows (the width) sharded: see module doc.
-        ``scale (L,)``: the pair's direction power of two, agreed over the ranks."""
-        v_p, o_p = params
-        hq, hkv = o_p.shape[1] // dh, v_p.shape[0] // dh
-        hkv_loc = hkv // self.world
-        cdt = compute_dtype(weights[0].dtype)
-
-        def v_heads(x):  # (L, hkv_loc*dh, dv) -> (L, hkv_loc, dh, dv)
-            return x.unflatten(1, (hkv_loc, dh)).to(cdt)
-
-        def o_heads(x):  # (L, d_loc, hq*dh) -> P-form (L, hq, dh, d_loc)
-            return x.unflatten(2, (hq, dh)).permute(0, 2, 3, 1).to(cdt)
-
-        v, gv, mv = (v_heads(x) for x in (weights[0], grads[0], moms[0]))
-        o, go, mo = (o_heads(x) for x in (weights[1], grads[1], moms[1]))
-        ops = prims.phases
-        mv_new, a_v, s_v = ops.stream(v, gv, mv, opts.beta, opts.nesterov, scale)
-        mo_new, a_o, s_o = ops.stream(o, go, mo, opts.beta, opts.nesterov, scale)
-        # One all_reduce: O Grams (partial over the width), V Grams (each from its owner rank),
-        # and, for per-head O legs, the O direction Grams.
-        first = self.rank * hkv_loc
-        a_v_all = a_v.new_zeros(a_v.shape[0], hkv, dh, dh)
-        a_v_all[:, first : first + hkv_loc] = a_v
-        parts = [a_o, a_v_all] + ([] if opts.hybrid else [s_o])
-        packed = self.all_reduce(torch.cat([x.flatten(1) for x in parts], 1))
-        sizes = [x[0].numel() for x in parts]
-        pieces = [c.view_as(x) for c, x in zip(packed.split(sizes, 1), parts)]
-        a_o, a_v_all = pieces[0], pieces[1]
-        root_o, root_v = partner_roots_from_grams(a_o, a_v_all, opts, ops)
-        own_v = None if root_v is None else root_v[:, first : first + hkv_loc]
-        b_o, b_v = opts.budgets(hq // hkv)
-        v_new = leg_update(v, gv, mv_new, s_v, own_v, opts, b_v, ops, scale=scale)
-        if opts.hybrid:
-            sign = self._o_sign_fn(opts, hq * dh, o_p, prims)
-            o_new = hybrid_update(o, go, mo_new, root_o, opts, sign, scale=scale)
-        else:
-            o_new = leg_update(o, go, mo_new, pieces[2], root_o, opts, b_o, ops,
-                               reduce=self.all_reduce, scale=scale)  # fmt: skip
-
-        def v_back(x):
-            return x.flatten(1, 2)
-
-        def o_back(x):  # P-form (L, hq, dh, d_loc) -> (L, d_loc, hq*dh)
-            return x.permute(0, 3, 1, 2).flatten(2)
-
-        return [v_back(v_new), o_back(o_new)], [v_back(mv_new), o_back(mo_new)]
-
-    def _o_sign_fn(self, opts: CMOptions, n: int, o_p: Tensor, prims):
-        """The hybrid O sign of ``(L, n, d_loc)`` directions whose width (o_w's rows) is
-        sharded: a function of the local columns returning the local columns of the sign."""
-        d = o_p.shape[0]
-        strategy = self.o_sign
-        if strategy == "auto":
-            cost = o_sign_cost(n, d, self.world)
-            strategy = min(cost, key=cost.get)
-        if strategy == "sharded" and n > d:
-            strategy = "gather"  # the sharded iteration runs on the wide orientation only
-        self.plans[f"o_sign_{strategy}"] += 1
-        start, stop, chunk = _rows(o_p, self.world, self.rank)
-
-        def gathered(x: Tensor) -> Tensor:
-            every = self.all_gather(torch.nn.functional.pad(x, (0, chunk - x.shape[-1])))
-            full = every.permute(1, 2, 0, 3).reshape(x.shape[0], x.shape[1], -1)[..., :d]
-            u = prims.msign(full, opts.ns_coefficients, opts.ns_dtype, "ns", 0)
-            return u[..., start:stop]
-
-        def sharded(x: Tensor) -> Tensor:
-            return self.sharded_msign(x, opts.ns_coefficients, opts.ns_dtype)
-
-        return gathered if strategy == "gather" else sharded
-
-    def sharded_msign(self, x: Tensor, coefficients, dtype) -> Tensor:
-        """``msign`` of ``(B, n, d)`` matrices whose width d is sharded (``x`` holds this
-        rank's columns), by Newton-Schulz with ``X X^T`` all-reduced each step (n <= d)."""
-        out_dtype = compute_dtype(x.dtype)
-        y = x.to(out_dtype)
-        sq = self.all_reduce(y.square().sum((-2, -1)))
-        y = y / (sq.sqrt()[:, None, None] * 1.01 + 1e-7)
-        y = ns_iterate(y.to(dtype or out_dtype), coefficients, self.all_reduce)
-        return y.to(out_dtype)
-
     def muon(self, b, w, g, m, group: dict, opts: CMOptions, prims, amax=None):
         """Muon on a batch of sharded matrices: each orthogonalised once, on its owner rank.
         Every plan takes Muon's own sign (as the owner plan must: it gathers the direction,
@@ -454,7 +530,7 @@ class Comm:
         where = _placement(params[0])
         shape = group.get("shape", "matrix")
         if self.replicated == "split" and where == "local":  # replicated: split over L
-            self.plans["muon_replicated_split"] += 1
+            self._use("muon_replicated_split")
             mine, chunk, first = self.split(w.shape[0])
             part = w[:0]
             if mine.stop > mine.start:
@@ -462,53 +538,82 @@ class Comm:
                                        None if amax is None else amax[mine])  # fmt: skip
             (w_new,) = self.gather_split([part], w.shape[0], chunk, first)
             return w_new, m * group["momentum"] + g  # compute_muon's momentum, elementwise
-        if where != "shard0" or shape.startswith("experts"):  # whole matrices are local
-            self.plans["muon_local"] += 1
+        blocks = self.blocks(params[0]) if where == "sharded" else None
+        full_shape = tuple(params[0].shape)
+        whole_cols = blocks is None or all((b_.c0, b_.c1) == (0, full_shape[1]) for b_ in blocks)
+        if where != "sharded" or shape.startswith("experts") and whole_cols:
+            self._use("muon_local")  # whole matrices (expert stacks split by experts)
             return compute_muon(w, g, m, group, opts, prims, amax)
-        self.plans["muon_owner"] += 1
-        mom = group["momentum"]
-        m_new = m * mom + g
-        update = (g + mom * m_new).flatten(2)  # (L, rows_loc, K)
-        if amax is not None:  # the power of two one process scales this update by
-            update = update * direction_scale(amax)[:, None, None]
-        n, k = params[0].shape[0], update.shape[-1]
-        start, stop, chunk = _rows(params[0], self.world, self.rank)
-        rows = [_rows(params[0], self.world, r) for r in range(self.world)]
-        # Owners rotate over the step's batches, so a model's matrices spread over all ranks.
-        owner = [(self._next_owner + i) % self.world for i in range(len(params))]
-        self._next_owner += len(params)
-        mine = [i for i, o in enumerate(owner) if o == self.rank]
-        cdt = compute_dtype(w.dtype)
-        padded = torch.nn.functional.pad(update.to(cdt), (0, 0, 0, chunk - (stop - start)))
-        send = torch.cat([padded[[i for i, o in enumerate(owner) if o == r]].flatten()
-                          for r in range(self.world)])  # fmt: skip
-        per = chunk * k
-        send_splits = [owner.count(r) * per for r in range(self.world)]
-        recv = self.all_to_all(send, send_splits, [len(mine) * per] * self.world)
-        pieces = recv.view(self.world, len(mine), chunk, k)
-        full = torch.cat([pieces[r, :, : rows[r][1] - rows[r][0]] for r in range(self.world)], 1)
-        o = muon_direction(full, opts.ns_coefficients, opts.ns_dtype, opts.ns_method,
-                           opts.ns_restart, prims.msign)  # fmt: skip
-        back = torch.cat([torch.nn.functional.pad(o[:, rows[r][0] : rows[r][1]],
-                                                  (0, 0, 0, chunk - (rows[r][1] - rows[r][0])))
-                          .flatten() for r in range(self.world)])  # fmt: skip
-        got = self.all_to_all(back, [len(mine) * per] * self.world, send_splits)
-        # got: for each owner r, the owned matrices' rows of this rank, in owner order
-        result = torch.empty(len(params), chunk, k, dtype=cdt, device=w.device)
-        off = 0
-        for r in range(self.world):
-            idx = [i for i, o_ in enumerate(owner) if o_ == r]
-            cnt = len(idx) * per
-            if idx:
-                result[idx] = got[off : off + cnt].view(len(idx), chunk, k)
-            off += cnt
-        o_local = result[:, : stop - start].view(update.shape)
-        rows_, cols = (n, k)
-        transposed = shape.endswith("_t")
-        scale = math.sqrt(max(1.0, (cols / rows_) if transposed else (rows_ / cols)))
-        lr, wd = group["lr"], group["weight_decay"]
-        w_new = w * (1 - lr * wd) - (lr * scale) * o_local.view(w.shape)
-        return w_new.to(w.dtype), m_new
+        if len(full_shape) > 2 and not whole_cols:
+            raise NotImplementedError(
+                f"Muon: a {len(full_shape)}-D parameter of shape {full_shape} split along its "
+                f"dimension 1 ({params[0].placements}): only its first dimension may be sharded"
+            )
+        self._use("muon_owner")
+        return muon_owner(self, blocks, params, w, g, m, group, opts, prims, amax)
+
+
+def muon_owner(comm: Comm, blocks: list[Block], params: list[Tensor], w, g, m, group: dict,
+               opts: CMOptions, prims, amax=None):  # fmt: skip
+    """Muon on matrices split into blocks over the ranks (rows under FSDP2, columns under
+    tensor parallel, both under FSDP2 x TP): each matrix orthogonalised once, on its owner
+    (owners rotate over the step's matrices and every rank, replicas included, so a replicate
+    dimension shares the work). One all_to_all sends each block to its owner, from one holder
+    of each distinct block (a replica sends nothing); one sends every rank its block of the
+    result."""
+    mom = group["momentum"]
+    m_new = m * mom + g
+    update = (g + mom * m_new).flatten(2)  # (L, rows_loc, cols_loc * rest)
+    if amax is not None:  # the power of two one process scales this update by
+        update = update * direction_scale(amax)[:, None, None]
+    full_shape = tuple(params[0].shape)
+    rest = math.prod(full_shape[2:])
+    n, k = full_shape[0], math.prod(full_shape[1:])
+    flat = [Block(b.r0, b.r1, b.c0 * rest, b.c1 * rest) for b in blocks]
+    source = [flat.index(b) == r for r, b in enumerate(flat)]  # the first holder sends
+    rm, cm = max(b.size[0] for b in flat), max(b.size[1] for b in flat)
+    per, world, me = rm * cm, comm.world, comm.rank
+    owner = [(comm._next_owner + i) % world for i in range(len(params))]
+    comm._next_owner += len(params)
+    mine = [i for i, o in enumerate(owner) if o == me]
+    cdt = compute_dtype(w.dtype)
+    mb = flat[me]
+    padded = torch.nn.functional.pad(update.to(cdt), (0, cm - mb.size[1], 0, rm - mb.size[0]))
+    empty = padded.new_empty(0)
+    send = torch.cat([padded[[i for i, o in enumerate(owner) if o == r]].flatten()
+                      if source[me] else empty for r in range(world)])  # fmt: skip
+    send_splits = [owner.count(r) * per if source[me] else 0 for r in range(world)]
+    recv = comm.all_to_all(
+        send, send_splits, [len(mine) * per if source[r] else 0 for r in range(world)]
+    )
+    full = padded.new_empty(len(mine), n, k)
+    off = 0
+    for r in range(world):
+        if source[r]:
+            piece = recv[off : off + len(mine) * per].view(len(mine), rm, cm)
+            b = flat[r]
+            full[:, b.rows, b.cols] = piece[:, : b.size[0], : b.size[1]]
+            off += len(mine) * per
+    o = muon_direction(full, opts.ns_coefficients, opts.ns_dtype, opts.ns_method,
+                       opts.ns_restart, prims.msign)  # fmt: skip
+    back = torch.cat([torch.nn.functional.pad(o[:, flat[r].rows, flat[r].cols],
+                                              (0, cm - flat[r].size[1], 0, rm - flat[r].size[0]))
+                      .flatten() for r in range(world)])  # fmt: skip
+    got = comm.all_to_all(back, [len(mine) * per] * world, [owner.count(r) * per
+                                                            for r in range(world)])  # fmt: skip
+    result = torch.empty(len(params), rm, cm, dtype=cdt, device=w.device)
+    off = 0
+    for r in range(world):  # from each owner r: its matrices' blocks of this rank, in order
+        idx = [i for i, o_ in enumerate(owner) if o_ == r]
+        if idx:
+            result[idx] = got[off : off + len(idx) * per].view(len(idx), rm, cm)
+        off += len(idx) * per
+    o_local = result[:, : mb.size[0], : mb.size[1]]
+    transposed = group.get("shape", "matrix").endswith("_t")
+    scale = math.sqrt(max(1.0, (k / n) if transposed else (n / k)))
+    lr, wd = group["lr"], group["weight_decay"]
+    w_new = w * (1 - lr * wd) - (lr * scale) * o_local.reshape(w.shape)
+    return w_new.to(w.dtype), m_new
 
 
 def _one_entry_differs(opts: CMOptions, w: Tensor) -> bool:

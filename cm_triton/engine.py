@@ -41,6 +41,7 @@ from cm_triton.dispatch import resolve_options, resolve_primitives
 from cm_triton.groups import ATTENTION_KINDS, CM_KEYS, group_layout, group_options
 from cm_triton.layouts import Heads, Layout
 from cm_triton.options import CMOptions
+from cm_triton.placement import placement_key
 from cm_triton.reference.adamw import adamw_update
 from cm_triton.reference.muon import muon_update
 from cm_triton.reference.phases import direction_scale
@@ -141,7 +142,8 @@ def plan_key(groups: list[dict]) -> tuple:
     for g in groups:
         rate = rates.setdefault((g["lr"], g["weight_decay"]), len(rates))
         opts = tuple(g.get(k) for k in _PLAN_KEYS) + (g.get("layout_args"),)
-        params = tuple((p.shape, p.dtype, p.device, p.grad is None) for p in g["params"])
+        params = tuple((p.shape, p.dtype, p.device, p.grad is None, placement_key(p))
+                       for p in g["params"])  # fmt: skip
         key.append((g["kind"], rate, opts, params))
     return tuple(key)
 
@@ -171,7 +173,7 @@ def build_plan(groups: list[dict], state: dict, in_place: bool = False) -> Plan:
             rate = (g["lr"], g["weight_decay"])
             bkey = ("attention", shape_key, tuple(p.shape for p in params), params[0].dtype,
                     params[0].device, dataclasses.replace(opts, eta=0.0, weight_decay=0.0),
-                    rate, g["nonfinite"])  # fmt: skip
+                    rate, g["nonfinite"], tuple(placement_key(p) for p in params))  # fmt: skip
             if bkey not in by_key:
                 by_key[bkey] = Batch("attention", [], [[] for _ in params], opts, prims,
                                      group_layout(g), g["nonfinite"])  # fmt: skip
@@ -183,7 +185,8 @@ def build_plan(groups: list[dict], state: dict, in_place: bool = False) -> Plan:
             for p in params:
                 if p.grad is None:
                     continue
-                bkey = ("muon", rates[id(g)], tuple(p.shape), p.dtype, p.device)
+                bkey = ("muon", rates[id(g)], tuple(p.shape), p.dtype, p.device,
+                        placement_key(p))  # fmt: skip
                 if bkey not in by_key:
                     opts, prims = _resolve(g, p.device)
                     by_key[bkey] = Batch("muon", [], [[]], opts, prims, None, g["nonfinite"])

@@ -175,7 +175,19 @@ def _gram_sign(grams: dict, pre, post, w, gr, m_new, e, c, scale, opts: CMOption
 
 
 def _explicit_sign(
-    pre, post, w, gr, m_new, e, c, scale, whole: bool, opts: CMOptions, ops: PhaseOps, msign_fn
+    pre,
+    post,
+    w,
+    gr,
+    m_new,
+    e,
+    c,
+    scale,
+    whole: bool,
+    opts: CMOptions,
+    ops: PhaseOps,
+    msign_fn,
+    whole_fn=None,
 ) -> _Sign:
     """The sign formed by a pass (``X = pre D''``) and iterated: per leg head, or over every
     row of the leg at once (``whole``: the hybrid O sign, spec §4.2/§4.5)."""
@@ -185,14 +197,15 @@ def _explicit_sign(
     x = ops.apply_update(w, scaled_maps(lift, scale), gr, m_new, opts.beta, opts.nesterov, 0.0,
                          -1.0, t_w=t_w)  # fmt: skip
     flat = x.reshape(b, h * r, n) if whole else x.reshape(b * h, r, n)
-    u = msign_fn(flat, opts.ns_coefficients, opts.ns_dtype, "ns", 0)
+    fn = whole_fn if whole and whole_fn is not None else msign_fn
+    u = fn(flat, opts.ns_coefficients, opts.ns_dtype, "ns", 0)
     return _Sign(u=u.reshape(b, h, r, n).to(x.dtype), post=post)
 
 
 def general_pair_step(
     p: Tensor, s: Tensor, gp: Tensor, gs: Tensor, mp: Tensor, ms: Tensor, opts: CMOptions,
     hybrid: bool = False, ops: PhaseOps = REFERENCE_PHASES, msign_fn: Callable = msign,
-    scale: Tensor | None = None,
+    scale: Tensor | None = None, whole_fn: Callable | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """``pair_step`` for every flag combination, phase by phase (module docstring).
 
@@ -232,7 +245,7 @@ def general_pair_step(
         if route(w.shape[-2], w.shape[-1], opts.ns_method, whole) == "gram":
             signs.append(_gram_sign(gm, *args, opts, ops))
         else:
-            signs.append(_explicit_sign(*args, whole, opts, ops, msign_fn))
+            signs.append(_explicit_sign(*args, whole, opts, ops, msign_fn, whole_fn))
     explicit_grams = [None if sg.u is None or not (connect or opts.per_mat_renorm)
                       else ops.cross_grams(w, sg.u) for w, sg in zip(w_l, signs)]  # fmt: skip
     # per_mat_renorm (spec §4.8): Delta_leg <- Delta_leg ||U_leg|| / ||Delta_leg||, per factor
@@ -296,15 +309,18 @@ def _ratio(u_sq: Tensor, d_sq: Tensor) -> Tensor:
 def pair_step(
     p: Tensor, s: Tensor, gp: Tensor, gs: Tensor, mp: Tensor, ms: Tensor, opts: CMOptions,
     hybrid: bool = False, ops: PhaseOps = REFERENCE_PHASES, msign_fn: Callable = msign,
-    scale: Tensor | None = None,
+    scale: Tensor | None = None, whole_fn: Callable | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """One CM step of B pairs, out of place, in spec §4.9's order, every variant.
 
     Returns ``(p', s', mp', ms')``: new weights and momentum buffers. Flags the default fused
     path covers run ``gram_pair_step``; every other combination ``general_pair_step``.
     ``scale`` (``(B,)``, ``phases.direction_scale`` of the pair's gradients and momentum, or
-    None): the power of two the direction is scaled by before its Grams.
+    None): the power of two the direction is scaled by before its Grams. ``whole_fn``: the
+    sign over a whole leg matrix (the hybrid O sign; None: ``msign_fn``).
     """
+    whole = msign_fn if whole_fn is None else whole_fn
     if fusable(opts, p.shape[-2], p.shape[-1], s.shape[-1]):
-        return gram_pair_step(p, s, gp, gs, mp, ms, opts, hybrid, ops, msign_fn, scale)
-    return general_pair_step(p, s, gp, gs, mp, ms, opts, hybrid, ops, msign_fn, scale)
+        return gram_pair_step(p, s, gp, gs, mp, ms, opts, hybrid, ops, whole, scale)
+    return general_pair_step(p, s, gp, gs, mp, ms, opts, hybrid, ops, msign_fn, scale,
+                             whole_fn)  # fmt: skip

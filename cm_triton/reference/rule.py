@@ -34,6 +34,10 @@ class Primitives:
     msign: Callable[..., Tensor]
     phases: PhaseOps = REFERENCE_PHASES
     in_place: bool = False  # the phases read each layer where it lives (``tables.LayerRows``)
+    # The sign over a whole leg matrix (the hybrid O sign) where its rows or columns live on
+    # other ranks (``head_plans``): ``(B, rows, n) -> (B, rows, n)`` on this rank's part;
+    # None: ``msign``.
+    whole_msign: Callable[..., Tensor] | None = None
 
 
 REFERENCE = Primitives(msign=ref.msign)
@@ -56,4 +60,4 @@ def pair_step(
     ``(p', s', mp', ms')``.
     """
     return pipeline.pair_step(p, s, gp, gs, mp, ms, opts, hybrid, prims.phases, prims.msign,
-                              scale)  # fmt: skip
+                              scale, prims.whole_msign)  # fmt: skip

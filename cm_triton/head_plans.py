@@ -1,0 +1,191 @@
+"""Which heads of an attention pair each rank holds, and the plans that keep their legs local.
+
+Spec §2.3: a per-head leg reads its own head and its partner's; tensor parallelism
+(``ColwiseParallel`` q/k/v: rows split; ``RowwiseParallel`` o: columns split) keeps heads
+whole, FSDP2's row shards keep q/k/v heads whole where the shard boundaries fall on heads and
+cut o's rows (the model width), and a replicate dimension (HSDP) repeats everything. From
+every rank's block of each parameter (``placement.blocks_of``) this module finds:
+
+- ``qk_heads``: the KV heads ``[a, b)`` a rank holds whole with exactly their query heads
+  (q and k whole columns): the QK step is local, **no collective**.
+- ``ov_heads``: for OV, each rank's *universe* (the heads whose columns of o it holds, whole
+  heads, in KV-head units ``[A, B)``), the V heads it holds (whole, inside the universe), and
+  the mesh dimension along which o's rows (the width) are split (at most one: FSDP's). The
+  per-head Grams of o are then sums over that dimension's ranks (one all_reduce of dh x dh
+  blocks); V's from their owners; the legs are local.
+- ``sign_blocks``: where each rank's part of the hybrid O sign's operand sits in the whole
+  matrix (its heads' rows, its width's columns), for the gathered or sharded sign.
+
+Plain functions of the blocks: every rank computes every rank's answer, so all agree
+without communicating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cm_triton.options import CMOptions
+from cm_triton.placement import Block
+from cm_triton.reference.phases import hybrid_update, leg_update, partner_roots_from_grams
+from cm_triton.reference.primitives import compute_dtype
+
+__all__ = ["OVHeads", "ov_heads", "ov_sharded", "qk_heads", "varying_dims"]
+
+
+def varying_dims(blocks: list[Block], coords: list[tuple[int, ...]], what: str) -> list[int]:
+    """Mesh dimensions along which ``what`` (``"rows"`` or ``"cols"``) of the blocks change."""
+    ndim = len(coords[0])
+    out = []
+    for d in range(ndim):
+        seen: dict[tuple, set] = {}
+        for blk, c in zip(blocks, coords):
+            rest = c[:d] + c[d + 1 :]
+            seen.setdefault(rest, set()).add(
+                (blk.r0, blk.r1) if what == "rows" else (blk.c0, blk.c1)
+            )
+        if any(len(v) > 1 for v in seen.values()):
+            out.append(d)
+    return out
+
+
+def _whole_heads(lo: int, hi: int, size: int) -> tuple[int, int] | None:
+    """``[lo, hi)`` in units of ``size`` when both ends fall on a unit, else None."""
+    if lo % size or hi % size or hi <= lo:
+        return None
+    return lo // size, hi // size
+
+
+def qk_heads(q: list[Block], k: list[Block], shapes: tuple, dh: int, g: int) -> list | None:
+    """Per rank, the KV heads ``(a, b)`` it holds whole with their query heads (q rows
+    ``[a g dh, b g dh)``, k rows ``[a dh, b dh)``, all columns), or None where some rank
+    does not (spec §2.3). ``shapes``: the full shapes of q and k."""
+    out = []
+    for bq, bk in zip(q, k):
+        if (bq.c0, bq.c1) != (0, shapes[0][1]) or (bk.c0, bk.c1) != (0, shapes[1][1]):
+            return None
+        hk = _whole_heads(bk.r0, bk.r1, dh)
+        if hk is None or (bq.r0, bq.r1) != (hk[0] * g * dh, hk[1] * g * dh):
+            return None
+        out.append(hk)
+    return out
+
+
+@dataclass(frozen=True)
+class OVHeads:
+    """One rank's view of an OV pair (see the module doc): ``universe (A, B)`` and ``v (a, b)``
+    in KV-head units; ``width_dim`` the mesh dimension splitting o's rows (None: whole)."""
+
+    universe: tuple[int, int]
+    v: tuple[int, int]
+    width_dim: int | None
+
+
+def ov_heads(v: list[Block], o: list[Block], shapes: tuple, dh: int, g: int,
+             coords: list[tuple[int, ...]]) -> list[OVHeads] | None:  # fmt: skip
+    """Per rank, its ``OVHeads``, or None where the blocks do not allow the local OV plan:
+    o's columns whole heads of whole KV groups, v's rows whole heads inside that universe with
+    whole columns, o's rows split along at most one mesh dimension, along which the universe
+    is the same, o's rows tile the width and v's rows tile the universe."""
+    (n_v, w_v), (d, _) = shapes
+    width = varying_dims(o, coords, "rows")
+    if len(width) > 1:
+        return None
+    wd = width[0] if width else None
+    out = []
+    for bv, bo in zip(v, o):
+        uni = _whole_heads(bo.c0, bo.c1, g * dh)
+        hv = _whole_heads(bv.r0, bv.r1, dh) if bv.r1 > bv.r0 else (None if bv.r0 % dh else
+                                                                   (bv.r0 // dh,) * 2)  # fmt: skip
+        if uni is None or hv is None or (bv.c0, bv.c1) != (0, w_v):
+            return None
+        if not uni[0] <= hv[0] <= hv[1] <= uni[1]:
+            return None
+        out.append(OVHeads(uni, hv, wd))
+    for r, c in enumerate(coords):  # along the width dimension: one universe, tiled
+        line = [s for s, cs in enumerate(coords)
+                if all(cs[i] == c[i] for i in range(len(c)) if i != wd)]  # fmt: skip
+        if wd is None:
+            if (o[r].r0, o[r].r1) != (0, d) or out[r].v != out[r].universe:
+                return None
+            continue
+        if len({out[s].universe for s in line}) != 1:
+            return None
+        if not _tiles(sorted((o[s].r0, o[s].r1) for s in line), 0, d):
+            return None
+        if not _tiles(sorted(out[s].v for s in line), *out[r].universe):
+            return None
+    return out
+
+
+def _tiles(ranges: list[tuple[int, int]], lo: int, hi: int) -> bool:
+    """Whether sorted ``ranges`` cover ``[lo, hi)`` exactly once (empty ones anywhere)."""
+    at = lo
+    for a, b in ranges:
+        if b == a:
+            continue
+        if a != at:
+            return False
+        at = b
+    return at == hi
+
+
+def ov_sharded(comm, dh: int, g: int, heads: list[OVHeads], o_blocks: list[Block], width,
+               weights, grads, moms, opts: CMOptions, prims,
+               scale: Tensor | None = None):  # fmt: skip
+    """OV whose o rows (the width) are split over the ``width`` group (FSDP2's dimension)
+    and whose heads are whole on each rank (``ov_heads``): per universe of ``hq = g hkv``
+    query heads, this rank holds a width slice of every O head and whole V heads. **One
+    all_reduce** over ``width`` carries the O Grams (partial sums over the width) and the V
+    Grams (each from its owner); the V legs are then local. The O leg: per head, one more
+    all_reduce for the Gram restart; hybrid, the sign over the whole o_w
+    (``Comm._whole_sign``). ``scale (L,)``: the pair's direction power of two, agreed over
+    the ranks. Returns the new local weight and momentum stacks ``[v, o]``."""
+    mine = heads[comm.rank]
+    hkv = mine.universe[1] - mine.universe[0]
+    hq = g * hkv
+    first, hkv_loc = mine.v[0] - mine.universe[0], mine.v[1] - mine.v[0]
+    cdt = compute_dtype(weights[0].dtype)
+
+    def v_heads(x):  # (L, hkv_loc*dh, dv) -> (L, hkv_loc, dh, dv)
+        return x.unflatten(1, (hkv_loc, dh)).to(cdt)
+
+    def o_heads(x):  # (L, d_loc, hq*dh) -> P-form (L, hq, dh, d_loc)
+        return x.unflatten(2, (hq, dh)).permute(0, 2, 3, 1).to(cdt)
+
+    v, gv, mv = (v_heads(x) for x in (weights[0], grads[0], moms[0]))
+    o, go, mo = (o_heads(x) for x in (weights[1], grads[1], moms[1]))
+    ops = prims.phases
+    mv_new, a_v, s_v = ops.stream(v, gv, mv, opts.beta, opts.nesterov, scale)
+    mo_new, a_o, s_o = ops.stream(o, go, mo, opts.beta, opts.nesterov, scale)
+    a_v_all = a_v.new_zeros(a_v.shape[0], hkv, dh, dh)
+    a_v_all[:, first : first + hkv_loc] = a_v
+    parts = [a_o, a_v_all] + ([] if opts.hybrid else [s_o])
+    packed = comm.all_reduce(torch.cat([x.flatten(1) for x in parts], 1), width)
+    sizes = [x[0].numel() for x in parts]
+    pieces = [c.view_as(x) for c, x in zip(packed.split(sizes, 1), parts)]
+    a_o, a_v_all = pieces[0], pieces[1]
+    root_o, root_v = partner_roots_from_grams(a_o, a_v_all, opts, ops)
+    own_v = None if root_v is None else root_v[:, first : first + hkv_loc]
+    b_o, b_v = opts.budgets(g)
+    v_new = leg_update(v, gv, mv_new, s_v, own_v, opts, b_v, ops, scale=scale)
+    if opts.hybrid:
+        whole = comm._whole_sign(heads, o_blocks, opts, prims, width=True)
+
+        def sign(x: Tensor) -> Tensor:
+            return whole(x, opts.ns_coefficients, opts.ns_dtype, "ns", 0)
+
+        o_new = hybrid_update(o, go, mo_new, root_o, opts, sign, scale=scale)
+    else:
+        o_new = leg_update(o, go, mo_new, pieces[2], root_o, opts, b_o, ops,
+                           reduce=lambda t: comm.all_reduce(t, width), scale=scale)  # fmt: skip
+
+    def v_back(x):
+        return x.flatten(1, 2)
+
+    def o_back(x):  # P-form (L, hq, dh, d_loc) -> (L, d_loc, hq*dh)
+        return x.permute(0, 3, 1, 2).flatten(2)
+
+    return [v_back(v_new), o_back(o_new)], [v_back(mv_new), o_back(mo_new)]

@@ -221,6 +221,8 @@ class Comm:
     def sub(self, dims: tuple[int, ...]) -> Group:
         """The group over the mesh dimensions ``dims``."""
         assert self.mesh is not None
+        if not dims:
+            return Group(None, (self.rank,), 0)
         if len(dims) == self.mesh.ndim:
             return self.flat
         members = tuple(self.mesh.members(dims))
@@ -283,12 +285,15 @@ class Comm:
         dist.all_to_all_single(out, send, recv_splits, send_splits, group=self.group)
         return out
 
-    def gather_blocks(self, stacks: list[Tensor], params: list[Tensor]) -> list[Tensor]:
-        """Full ``(L, N_i, M_i, ...)`` stacks from each rank's blocks ``stacks[i]`` of
-        ``params[i]`` (uneven, empty and replicated blocks included): one all_gather of the
-        DTensors' blocks (a plain tensor is whole on every rank: used as it is)."""
+    def gather_blocks(self, stacks: list[Tensor], params: list[Tensor], grp: Group | None = None,
+                      region: list[Block] | None = None) -> list[Tensor]:  # fmt: skip
+        """``(L, N_i, M_i, ...)`` stacks of ``region[i]`` of ``params[i]`` (None: all of it)
+        from the blocks ``stacks[i]`` the ranks of ``grp`` hold (the flat group by default;
+        uneven, empty and replicated blocks included): one all_gather of the DTensors'
+        blocks (a plain tensor is whole on every rank: used as it is)."""
+        grp = grp or self.flat
         sharded = [i for i, p in enumerate(params) if is_dtensor(p)]
-        layout = {i: self.blocks(params[i]) for i in sharded}
+        layout = {i: [self.blocks(params[i])[r] for r in grp.members] for i in sharded}
         pads = {i: (max(b.size[0] for b in bl), max(b.size[1] for b in bl))
                 for i, bl in layout.items()}  # fmt: skip
 
@@ -299,24 +304,30 @@ class Comm:
 
         flat = [padded(stacks[i], *pads[i]).flatten() for i in sharded]
         sizes = [f.numel() for f in flat]
-        every = self.all_gather(torch.cat(flat)) if flat else None  # (W, sum sizes)
+        every = self.all_gather(torch.cat(flat), grp) if flat else None  # (W, sum sizes)
         out, off = list(stacks), 0
         for i, size in zip(sharded, sizes):
             st, p, (rm, cm) = stacks[i], params[i], pads[i]
-            shape = (st.shape[0], *p.shape)
+            area = _whole(p) if region is None else region[i]
+            shape = (st.shape[0], *area.size, *p.shape[2:])[: 1 + p.dim()]
             full = st.new_empty(shape if st.dim() > 2 else (*shape, 1))
             rest = tuple(full.shape[3:])
             for r, blk in enumerate(layout[i]):
                 piece = every[r, off : off + size].view(st.shape[0], rm, cm, *rest)
-                full[:, blk.rows, blk.cols] = piece[:, : blk.size[0], : blk.size[1]]
+                rows = slice(blk.r0 - area.r0, blk.r1 - area.r0)
+                cols = slice(blk.c0 - area.c0, blk.c1 - area.c0)
+                full[:, rows, cols] = piece[:, : blk.size[0], : blk.size[1]]
             out[i] = full.view(shape)
             off += size
         return out
 
-    def own(self, full: Tensor, p: Tensor) -> Tensor:
-        """This rank's block of a full ``(L, *p.shape)`` stack."""
-        blk = self.blocks(p)[self.rank]
-        return full[:, blk.rows, blk.cols] if full.dim() > 2 else full[:, blk.rows]
+    def own(self, full: Tensor, p: Tensor, area: Block | None = None) -> Tensor:
+        """This rank's block of a ``(L, ...)`` stack of ``area`` of ``p`` (None: all of it)."""
+        if not is_dtensor(p):
+            return full
+        blk, at = self.blocks(p)[self.rank], area or _whole(p)
+        rows = slice(blk.r0 - at.r0, blk.r1 - at.r0)
+        return full[:, rows, blk.c0 - at.c0 : blk.c1 - at.c0] if full.dim() > 2 else full[:, rows]
 
     def split(self, n: int) -> tuple[slice, int, int]:
         """This rank's share of a replicated batch of ``n`` entries: ``(entries, chunk,
@@ -365,34 +376,52 @@ class Comm:
         if plan is not None:
             return plan(weights, grads, moms, group0, opts, prims, amax)
         self._use("gather")
+        return self._gathered(layout, params, weights, grads, moms, group0, opts, prims, amax)
+
+    def _gathered(self, layout, params, weights, grads, moms, group0, opts: CMOptions, prims,
+                  amax=None, grp: Group | None = None,
+                  region: list[Block] | None = None):  # fmt: skip
+        """The one-process step of ``layout`` on the pair gathered over ``grp`` (the flat
+        group: whole tensors; else ``region`` of each parameter), each rank keeping its block."""
         n = len(params)
         if opts.momentum_reproject or layout.muon:  # these read the whole momentum
-            full = self.gather_blocks([*weights, *grads, *moms], params * 3)
+            full = self.gather_blocks([*weights, *grads, *moms], params * 3, grp, region * 3
+                                      if region else None)  # fmt: skip
             new_w, new_m = compute_attention(layout, full[:n], full[n : 2 * n], full[2 * n :],
                                              group0, opts, prims, amax)  # fmt: skip
-            return ([self.own(x, p) for x, p in zip(new_w, params)],
-                    [self.own(x, p) for x, p in zip(new_m, params)])  # fmt: skip
+            area = region or [None] * n
+            return ([self.own(x, p, a) for x, p, a in zip(new_w, params, area)],
+                    [self.own(x, p, a) for x, p, a in zip(new_m, params, area)])  # fmt: skip
         # The momentum update is elementwise: done here on the shards, and only the weights and
         # the direction are gathered. The rule then sees the direction as a gradient with zero
         # momentum and beta 0: m = 0 * 0 + D = D exactly, so its arithmetic is unchanged.
         new_m = [opts.beta * m + g for m, g in zip(moms, grads)]
         dirs = [g + opts.beta * m if opts.nesterov else m for g, m in zip(grads, new_m)]
-        full = self.gather_blocks([*weights, *dirs], params * 2)
+        full = self.gather_blocks([*weights, *dirs], params * 2, grp,
+                                  region * 2 if region else None)  # fmt: skip
         plain = dataclasses.replace(opts, beta=0.0, nesterov=False)
         zeros = [torch.zeros_like(x) for x in full[n:]]
         new_w, _ = compute_attention(layout, full[:n], full[n:], zeros, group0, plain, prims,
                                      amax)  # fmt: skip
-        return [self.own(x, p) for x, p in zip(new_w, params)], new_m
+        area = region or [None] * n
+        return [self.own(x, p, a) for x, p, a in zip(new_w, params, area)], new_m
 
     def _head_plan(self, group0: dict, params: list[Tensor], opts: CMOptions):
         """The plan that keeps a separate q/k or v/o pair's legs where its heads live
         (``head_plans``), or None (gathered). Every rank answers the same."""
         kind, dh = group0["kind"], group0["head_dim"]
-        if kind not in ("qk", "ov") or opts.per_mat_renorm or len(params) != 2:
-            return None  # per_mat_renorm: its norms span every head
+        if kind not in ("qk", "ov") or len(params) != 2:
+            return None
         blocks = [self.blocks(p) for p in params]
         shapes = tuple(tuple(p.shape) for p in params)
         coords = self.mesh.coords if self.mesh is not None else [(r,) for r in range(self.world)]
+        # per_mat_renorm: its norms span every head, so only a gather of whole tensors serves
+        renorm = opts.per_mat_renorm
+        direct = None if renorm else self._direct_plan(kind, dh, blocks, shapes, coords, opts)
+        return direct or self._heads_gather_plan(kind, dh, params, blocks, shapes, coords, renorm)
+
+    def _direct_plan(self, kind: str, dh: int, blocks, shapes, coords, opts: CMOptions):
+        """Each rank's blocks hold whole heads: ``qk_local``, ``ov_local``, ``ov_sharded``."""
         if kind == "qk":
             hq, hkv = shapes[0][0] // dh, shapes[1][0] // dh
             heads = qk_heads(blocks[0], blocks[1], shapes, dh, hq // hkv)
@@ -432,6 +461,51 @@ class Comm:
 
         return sharded
 
+    def _heads_gather_plan(self, kind: str, dh: int, params, blocks, shapes, coords,
+                           whole: bool = False):  # fmt: skip
+        """A 2-D mesh whose blocks cut heads (FSDP2's rows inside a TP rank's KV head): the
+        ranks along one mesh dimension together hold whole heads (a TP rank's), so the pair
+        is gathered over that dimension only (``heads_gather``: one all_gather within the
+        group) and its heads stepped there; the hybrid O sign across the other dimension.
+        ``whole``: only where that group holds the whole pair (HSDP's shard dimension)."""
+        if self.mesh is None or self.mesh.ndim < 2:
+            return None
+        for d in range(self.mesh.ndim):
+            union = [[_union([bl[m] for m in self.mesh.members((d,), r)])
+                      for r in range(self.world)] for bl in blocks]  # fmt: skip
+            if any(u is None for per in union for u in per):
+                continue
+            if whole and any(u != _whole(p) for per, p in zip(union, params) for u in per):
+                continue
+            if kind == "qk":
+                hq, hkv = shapes[0][0] // dh, shapes[1][0] // dh
+                heads = qk_heads(union[0], union[1], shapes, dh, hq // hkv)
+                if heads is None:
+                    continue
+                a, b_ = heads[self.rank]
+                loc = get_layout("qk", (b_ - a) * (hq // hkv), b_ - a, dh)
+                ov = None
+            else:
+                hkv, hq = shapes[0][0] // dh, shapes[1][1] // dh
+                ov = ov_heads(union[0], union[1], shapes, dh, hq // hkv, coords)
+                if ov is None or ov[self.rank].width_dim is not None:
+                    continue
+                uni = ov[self.rank].universe
+                loc = get_layout("ov", (uni[1] - uni[0]) * (hq // hkv), uni[1] - uni[0], dh)
+            self._use("heads_gather")
+            grp, region = self.sub((d,)), [u[self.rank] for u in union]
+
+            def run(w, g, m, group0, o, pr, amax, loc=loc, ov=ov, grp=grp, region=region,
+                    o_union=union[-1]):  # fmt: skip
+                if ov is not None and o.hybrid:
+                    pr = dataclasses.replace(pr, whole_msign=self._whole_sign(ov, o_union, o,
+                                                                              pr))  # fmt: skip
+                return self._gathered(loc, params, w, g, m, group0, o, pr, amax, grp,
+                                      region)  # fmt: skip
+
+            return run
+        return None
+
     def _whole_sign(self, heads: list[OVHeads], o_blocks: list[Block], opts: CMOptions, prims,
                     width: bool = False):  # fmt: skip
         """The hybrid O sign of this rank's part ``(B, rows, cols)`` of the whole matrix: its
@@ -448,6 +522,8 @@ class Comm:
         mine = heads[self.rank]
 
         def sign(x: Tensor, coefficients, dtype, how="ns", restart=0) -> Tensor:
+            if grp.size == 1:  # the whole matrix is here
+                return prims.msign(x, coefficients, dtype, how, restart)
             per = x.shape[-2] // (mine.universe[1] - mine.universe[0])
             n_all = per * max(h.universe[1] for h in heads)
             d_all = max(b.r1 for b in o_blocks) if width else x.shape[-1]
@@ -614,6 +690,19 @@ def muon_owner(comm: Comm, blocks: list[Block], params: list[Tensor], w, g, m, g
     lr, wd = group["lr"], group["weight_decay"]
     w_new = w * (1 - lr * wd) - (lr * scale) * o_local.reshape(w.shape)
     return w_new.to(w.dtype), m_new
+
+
+def _union(blocks: list[Block]) -> Block | None:
+    """The block the distinct ``blocks`` tile exactly, or None."""
+    distinct = set(blocks)
+    box = Block(min(b.r0 for b in distinct), max(b.r1 for b in distinct),
+                min(b.c0 for b in distinct), max(b.c1 for b in distinct))  # fmt: skip
+    area = sum(b.size[0] * b.size[1] for b in distinct)
+    return box if area == box.size[0] * box.size[1] else None
+
+
+def _whole(p: Tensor) -> Block:
+    return Block(0, p.shape[0], 0, p.shape[1] if p.dim() > 1 else 1)
 
 
 def _one_entry_differs(opts: CMOptions, w: Tensor) -> bool:

@@ -180,11 +180,13 @@ def expected(layout: str, flags: dict) -> tuple[tuple[str, ...], dict, dict]:
     """(parameters equal bit for bit, plans, collectives charged per plan) per step.
 
     QK: local wherever heads are whole (every layout here), **no collective**, but under
-    per_mat_renorm (its norms span every head: gathered, one all_gather). OV under TP: local
-    (o's rows whole); the hybrid sign gathers the whole O direction (one all_gather). OV where
-    o's width is split (HSDP, FSDP2 x TP): ``ov_sharded`` for the Gram-form flags, one
-    all_reduce of the dh x dh Grams plus the sign's all_gather (hybrid) or the restart's
-    all_reduce (per-head O); other flags gathered (one all_gather), bit for bit. Muon (fc1,
+    per_mat_renorm (its norms span every head: gathered, one all_gather; under HSDP over the
+    shard dimension only, ``heads_gather``). OV under TP: local (o's rows whole); the hybrid
+    sign gathers the whole O direction (one all_gather). OV where o's width is split (HSDP,
+    FSDP2 x TP): ``ov_sharded`` for the Gram-form flags, one all_reduce of the dh x dh Grams
+    plus the sign's all_gather (hybrid) or the restart's all_reduce (per-head O); other flags
+    gathered over FSDP's dimension (``heads_gather``: one all_gather; a TP rank's heads are
+    whole there), then the hybrid sign over TP's (one more), bit for bit. Muon (fc1,
     fc2: two shapes): one all_to_all pair each. "agree": the all_reduce of every layer's
     largest gradient and momentum magnitude and the one of the finite flags."""
     renorm = flags.get("per_mat_renorm", False)
@@ -193,8 +195,8 @@ def expected(layout: str, flags: dict) -> tuple[tuple[str, ...], dict, dict]:
     plans = {"muon_owner": 2}
     charged = {"agree": 2, "muon_owner": 4}
     if renorm:
-        plans["gather"] = 2
-        charged["gather"] = 2
+        name = "heads_gather" if layout == "hsdp" else "gather"
+        plans[name] = charged[name] = 2
         return ("all",), plans, charged
     plans["qk_local"] = 1
     if hybrid:
@@ -204,9 +206,11 @@ def expected(layout: str, flags: dict) -> tuple[tuple[str, ...], dict, dict]:
         if hybrid:
             charged["ov_local"] = 1
         return ("all",), plans, charged
-    if not fused:
-        plans.pop("o_sign_gather", None)
-        plans["gather"] = charged["gather"] = 1
+    if not fused:  # under HSDP the shard dimension holds every head: the sign is local too
+        if layout == "hsdp":
+            plans.pop("o_sign_gather", None)
+        plans["heads_gather"] = 1
+        charged["heads_gather"] = 2 if layout == "fsdp_tp" else 1  # + the sign over TP
         return ("all",), plans, charged
     plans["ov_sharded"] = 1
     charged["ov_sharded"] = 2
@@ -387,3 +391,42 @@ def test_dcp_reshards_across_mesh_shapes(saved, other):
         change = (w - params[n]).double()
         err = ((stepped[n] - params[n]).double() - change).norm() / change.norm()
         assert err < STEP_RTOL, (n, err.item())
+
+
+def test_fsdp_cutting_a_tensor_parallel_rank_s_heads_gathers_within_it():
+    # Hkv = 2 over TP 2 x FSDP 2: each TP rank holds one KV head, which FSDP cuts in two.
+    # Both pairs are gathered over FSDP's dimension only (the TP rank's heads are whole
+    # there), the hybrid O sign across TP's; bit for bit.
+    results = get_pool(4).run(case_parallel_step, "fsdp_tp", {"hq": 4, "hkv": 2}, {}, {},
+                              steps=2)  # fmt: skip
+    _check(results, ("all",), {"heads_gather": 2, "o_sign_gather": 1, "muon_owner": 2},
+           {"agree": 2, "heads_gather": 3, "muon_owner": 4})  # fmt: skip
+
+
+def case_sent(layout: str) -> dict:
+    torch.manual_seed(0)
+    model = parallelize(Net(), layout)
+    opt = CompositionalMuon(param_groups(model), lr=0.05)
+    for q in model.parameters():
+        q.grad = _like(q, torch.randn(q.shape))
+    opt.step()
+    return dict(opt.comm.sent)
+
+
+def test_bytes_per_step_under_tp_and_hsdp():
+    f32 = 4
+    # TP over 4: the hybrid O sign's all_gather sends this rank's rows of the O direction,
+    # 2 layers x (8 heads / 4) x 8 rows x width 32, to 3 ranks. Muon: fc1 (64 x 32, by rows)
+    # and fc2 (32 x 64, by columns): blocks of 512 numbers; each of the 4 matrices goes to
+    # its owner from 3 ranks and comes back to 3: 4 x 6 blocks over all ranks.
+    sent = get_pool(4).run(case_sent, "tp")
+    for s in sent:
+        assert s["all_gather"] == 3 * 2 * 2 * 8 * 32 * f32, s
+    assert sum(s["all_to_all"] for s in sent) == 4 * 6 * 512 * f32
+    # HSDP 2 x 2: fc1's blocks are 32 x 32 and fc2's 16 x 64 (1024 numbers), held twice (two
+    # replicas); only the first holder of each sends (flat ranks 0 and 1). fc1's two matrices
+    # are owned by ranks 0 and 1 (one block comes in, the owner has the other), fc2's by 2
+    # and 3 (both come in); each result goes back to the 3 other ranks: 2 x (1 + 3) + 2 x (2
+    # + 3) = 18 blocks, where every rank sending would take 24.
+    sent = get_pool(4).run(case_sent, "hsdp")
+    assert sum(s["all_to_all"] for s in sent) == 18 * 1024 * f32

@@ -35,7 +35,7 @@ class Primitives:
     phases: PhaseOps = REFERENCE_PHASES
     in_place: bool = False  # the phases read each layer where it lives (``tables.LayerRows``)
     # The sign over a whole leg matrix (the hybrid O sign) where its rows or columns live on
-    # other ranks (``head_plans``): ``(B, rows, n) -> (B, rows, n)`` on this rank's part;
+    # other ranks (``heads``): ``(B, rows, n) -> (B, rows, n)`` on this rank's part;
     # None: ``msign``.
     whole_msign: Callable[..., Tensor] | None = None
 

@@ -23,6 +23,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
+    "Group",
+    "placement_of",
+    "whole_block",
     "Block",
     "Mesh",
     "blocks_of",
@@ -213,3 +216,38 @@ def blocks_of(p: Tensor, mesh: Mesh) -> list[Block]:
             f"{mine.size}; CompositionalMuon does not know this sharding"
         )
     return out
+
+
+def placement_of(p: Tensor) -> str:
+    """``"sharded"``, ``"replicate"`` (a DTensor replicated on every mesh dimension) or
+    ``"local"`` (a plain tensor); a placement of another kind (``Partial``) raises."""
+    if not is_dtensor(p):
+        return "local"
+    from torch.distributed.tensor import Replicate
+
+    if all(isinstance(pl, Replicate) for pl in p.placements):
+        return "replicate"
+    if all(isinstance(pl, Replicate) or shard_dim(pl) is not None for pl in p.placements):
+        return "sharded"
+    raise NotImplementedError(
+        f"CompositionalMuon takes DTensor parameters sharded (Shard, FSDP2's strided shards) or "
+        f"replicated; got placements {p.placements} for a parameter of shape {tuple(p.shape)}"
+    )
+
+
+def whole_block(p: Tensor) -> Block:
+    return Block(0, p.shape[0], 0, p.shape[1] if p.dim() > 1 else 1)
+
+
+@dataclass(frozen=True)
+class Group:
+    """A process group (``pg``; None: the default group) and its flat ranks, in its rank
+    order; ``index``: this rank's position."""
+
+    pg: Any
+    members: tuple[int, ...]
+    index: int
+
+    @property
+    def size(self) -> int:
+        return len(self.members)

@@ -59,7 +59,16 @@ def _heads_of(n: int, head_dim: int, what: str) -> int:
 def group_layout(group: dict) -> Layout:
     """The layout of an attention param group (kinds ``"qk"``, ``"ov"``, ``"mha"``,
     ``"attention"``); head counts come from the group keys or, for the first three, from
-    the shapes and ``head_dim``."""
+    the shapes and ``head_dim`` (``head_counts``)."""
+    name, hq, hkv = head_counts(group)
+    args = group.get("layout_args") or {}
+    if not isinstance(args, dict):
+        raise ValueError(f"'layout_args' must be a dict, got {args!r}")
+    return get_layout(name, hq, hkv, group["head_dim"], **args)
+
+
+def head_counts(group: dict) -> tuple[str, int, int]:
+    """``(layout name, Hq, Hkv)`` of an attention param group, validated."""
     kind, dh, params = group["kind"], group.get("head_dim"), group["params"]
     if isinstance(dh, bool) or not isinstance(dh, int) or dh <= 0:
         raise ValueError(f"head_dim must be a positive int, got {dh!r}")
@@ -85,10 +94,7 @@ def group_layout(group: dict) -> Layout:
                 raise ValueError(f"an 'attention' group needs a positive int {key!r}, got {n!r}")
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of the {hkv} KV heads")
-    args = group.get("layout_args") or {}
-    if not isinstance(args, dict):
-        raise ValueError(f"'layout_args' must be a dict, got {args!r}")
-    return get_layout(name, hq, hkv, dh, **args)
+    return name, hq, hkv
 
 
 def group_options(group: dict, **override: Any) -> CMOptions:

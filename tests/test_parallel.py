@@ -430,3 +430,72 @@ def test_bytes_per_step_under_tp_and_hsdp():
     # + 3) = 18 blocks, where every rank sending would take 24.
     sent = get_pool(4).run(case_sent, "hsdp")
     assert sum(s["all_to_all"] for s in sent) == 18 * 1024 * f32
+
+
+class Fused(nn.Module):
+    """torchtitan's attention: a fused ``wqkv`` storing ``[q_1 .. q_G; k; v]`` per KV group
+    (CM's ``"qkv_grouped"``) and ``wo``; or four projections in one group (``"separate"``)."""
+
+    def __init__(self, layout: str, d=32, hq=8, hkv=4, dh=8) -> None:
+        super().__init__()
+        g = hq // hkv
+        self.layout, self.dims = layout, (hq, hkv, dh)
+        if layout == "qkv_grouped":
+            self.wqkv = nn.Linear(d, hkv * (g + 2) * dh, bias=False)
+        else:
+            self.q_proj = nn.Linear(d, hq * dh, bias=False)
+            self.k_proj = nn.Linear(d, hkv * dh, bias=False)
+            self.v_proj = nn.Linear(d, hkv * dh, bias=False)
+        self.wo = nn.Linear(hq * dh, d, bias=False)
+
+    def groups(self, **flags) -> list[dict]:
+        hq, hkv, dh = self.dims
+        params = ([self.wqkv.weight] if self.layout == "qkv_grouped" else
+                  [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]) + [self.wo.weight]
+        return [{"kind": "attention", "layout": self.layout, "params": params, "head_dim": dh,
+                 "num_heads": hq, "num_kv_heads": hkv, **flags}]  # fmt: skip
+
+    def forward(self, x):  # pragma: no cover
+        return x
+
+
+def case_fused_tp(layout: str, flags: dict):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    torch.manual_seed(0)
+    ref = Fused(layout)
+    par = copy.deepcopy(ref)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    cols = ["wqkv"] if layout == "qkv_grouped" else ["q_proj", "k_proj", "v_proj"]
+    plan = {n: ColwiseParallel() for n in cols} | {"wo": RowwiseParallel()}
+    parallelize_module(par, mesh, plan)
+    opt_ref = CompositionalMuon(ref.groups(**flags), lr=0.05)
+    opt = CompositionalMuon(par.groups(**flags), lr=0.05)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p, q in zip(ref.parameters(), par.parameters()):
+            full = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = full.clone(), _like(q, full)
+        opt_ref.step()
+        opt.step()
+    same = all(torch.equal(p.detach(), _full(q.detach()))
+               for p, q in zip(ref.parameters(), par.parameters()))  # fmt: skip
+    return same, dict(opt.comm.plans), dict(opt.comm.by_plan)
+
+
+@pytest.mark.parametrize("flags", [{}, {"hybrid": False, "method": "joint"}], ids=["defaults",
+                                                                                  "joint"])
+@pytest.mark.parametrize("layout", ["qkv_grouped", "separate"])
+def test_fused_and_four_projection_groups_stay_local_under_tensor_parallel(layout, flags):
+    # Whole KV groups on each TP rank in every parameter of the group: the one-process step
+    # of those heads, bit for bit; only the hybrid O sign communicates (one all_gather).
+    hybrid = flags.get("hybrid", True)
+    for same, plans, charged in get_pool(4).run(case_fused_tp, layout, flags):
+        assert same
+        assert plans == {"heads_local": 1, **({"o_sign_gather": 1} if hybrid else {})}, plans
+        assert charged.get("heads_local", 0) == (1 if hybrid else 0), charged

@@ -12,6 +12,8 @@ a replicate dimension repeats. ``Comm.attention`` picks a plan per batch from th
 - ``"qk_local"``: every rank holds whole KV heads with exactly their query heads (FSDP2 and
   TP with Hq and Hkv divisible by the shard count): the step is local, **no collective**
   (every flag but per_mat_renorm, whose norms span all heads).
+- ``"heads_local"``: the same for a whole attention group stored KV group after KV group
+  (``heads.GROUP_MAJOR``: four projections, torchtitan's fused ``wqkv``), under TP.
 - ``"ov_local"``: o's rows whole and each rank's V heads those of its O columns (tensor
   parallel: ``RowwiseParallel`` o, ``ColwiseParallel`` v): every leg local; the hybrid O sign
   (one sign over all of o_w) spans the ranks holding other heads (``_whole_sign``).

@@ -8,10 +8,19 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from cm_triton.distributed.heads import OVHeads, ov_heads, ov_sharded, qk_heads, varying_dims
+from cm_triton.distributed.heads import (
+    GROUP_MAJOR,
+    LOCAL_PLAN,
+    O_PARAM,
+    OVHeads,
+    group_heads,
+    ov_heads,
+    ov_sharded,
+    varying_dims,
+)
 from cm_triton.distributed.placement import Block, Group, placement_of, whole_block
 from cm_triton.engine import compute_attention
-from cm_triton.groups import group_layout
+from cm_triton.groups import group_layout, head_counts
 from cm_triton.layouts import get_layout
 from cm_triton.options import CMOptions
 from cm_triton.reference.phases import direction_scale, fusable
@@ -87,69 +96,69 @@ class AttentionPlans:
         return [self.own(x, p, a) for x, p, a in zip(new_w, params, area)], new_m
 
     def _head_plan(self, group0: dict, params: list[Tensor], opts: CMOptions):
-        """The plan that keeps a separate q/k or v/o pair's legs where its heads live
-        (``heads``), or None (gathered). Every rank answers the same."""
-        kind, dh = group0["kind"], group0["head_dim"]
-        if kind not in ("qk", "ov") or len(params) != 2:
+        """The plan that keeps a pair's legs where its heads live (``heads``), or None
+        (gathered). Every rank answers the same."""
+        dh = group0["head_dim"]
+        name, hq, hkv = head_counts(group0)
+        if name not in GROUP_MAJOR or len(params) != len(GROUP_MAJOR[name]):
             return None
         blocks = [self.blocks(p) for p in params]
         shapes = tuple(tuple(p.shape) for p in params)
         coords = self.mesh.coords if self.mesh is not None else [(r,) for r in range(self.world)]
         # per_mat_renorm: its norms span every head, so only a gather of whole tensors serves
         renorm = opts.per_mat_renorm
-        direct = None if renorm else self._direct_plan(kind, dh, blocks, shapes, coords, opts)
-        return direct or self._heads_gather_plan(kind, dh, params, blocks, shapes, coords, renorm)
+        heads = None if renorm else group_heads(name, blocks, shapes, dh, hq // hkv)
+        if heads is not None:
+            return self._local_plan(name, group0, heads, blocks, hq // hkv, dh)
+        if name == "ov" and not renorm and fusable(opts, dh, shapes[1][0], shapes[0][1]):
+            ov = ov_heads(blocks[0], blocks[1], shapes, dh, hq // hkv, coords)
+            if ov is not None:
+                self._use("ov_sharded")
+                width = self.sub((ov[self.rank].width_dim,))
 
-    def _direct_plan(self, kind: str, dh: int, blocks, shapes, coords, opts: CMOptions):
-        """Each rank's blocks hold whole heads: ``qk_local``, ``ov_local``, ``ov_sharded``."""
-        if kind == "qk":
-            hq, hkv = shapes[0][0] // dh, shapes[1][0] // dh
-            heads = qk_heads(blocks[0], blocks[1], shapes, dh, hq // hkv)
-            if heads is None:
-                return None
-            a, b_ = heads[self.rank]
-            self._use("qk_local")
-            loc = get_layout("qk", (b_ - a) * (hq // hkv), b_ - a, dh)
-            return lambda w, g, m, grp, o, pr, amax: compute_attention(loc, w, g, m, grp, o, pr,
-                                                                       amax)  # fmt: skip
-        hkv, hq = shapes[0][0] // dh, shapes[1][1] // dh
-        g = hq // hkv
-        heads = ov_heads(blocks[0], blocks[1], shapes, dh, g, coords)
-        if heads is None:
-            return None
-        mine = heads[self.rank]
-        uni = mine.universe[1] - mine.universe[0]
-        if mine.width_dim is None:  # o's rows whole: every leg local, the hybrid sign gathered
-            self._use("ov_local")
-            loc = get_layout("ov", uni * g, uni, dh)
+                def sharded(w, gr, m, grp, o, pr, amax):
+                    scale = None if amax is None else direction_scale(*amax)
+                    return ov_sharded(self, dh, hq // hkv, ov, blocks[1], width, w, gr, m, o,
+                                      pr, scale)  # fmt: skip
 
-            def local(w, gr, m, grp, o, pr, amax):
-                if o.hybrid:
-                    pr = dataclasses.replace(pr, whole_msign=self._whole_sign(heads, blocks[1],
-                                                                              o, pr))  # fmt: skip
-                return compute_attention(loc, w, gr, m, grp, o, pr, amax)
+                return sharded
+        return self._heads_gather_plan(name, group0, params, blocks, hq // hkv, dh, renorm)
 
-            return local
-        if not fusable(opts, dh, shapes[1][0], shapes[0][1]):
-            return None
-        self._use("ov_sharded")
-        width = self.sub((mine.width_dim,))
+    def _local_plan(self, name: str, group0: dict, heads: list[tuple[int, int]], blocks,
+                    g: int, dh: int, params=None, grp: Group | None = None,
+                    region=None):  # fmt: skip
+        """Every rank holds whole KV groups ``heads[r]`` of the pair (or, with ``grp``, the
+        ranks of ``grp`` together hold them: gathered there first): the one-process step of
+        those heads; the hybrid O sign over the ranks holding other heads."""
+        a, b_ = heads[self.rank]
+        plan = "heads_gather" if grp is not None else LOCAL_PLAN.get(name, "heads_local")
+        self._use(plan)
+        args = dict(group0.get("layout_args") or {})
+        loc = get_layout(name, (b_ - a) * g, b_ - a, dh, **args)
+        o_at = O_PARAM.get(name)
+        ov = [OVHeads(h, h, None) for h in heads]
 
-        def sharded(w, gr, m, grp, o, pr, amax):
-            scale = None if amax is None else direction_scale(*amax)
-            return ov_sharded(self, dh, g, heads, blocks[1], width, w, gr, m, o, pr, scale)
+        def run(w, gr, m, group0, o, pr, amax):
+            if o_at is not None and o.hybrid:
+                pr = dataclasses.replace(pr, whole_msign=self._whole_sign(ov, blocks[o_at], o,
+                                                                          pr))  # fmt: skip
+            if grp is None:
+                return compute_attention(loc, w, gr, m, group0, o, pr, amax)
+            return self._gathered(loc, params, w, gr, m, group0, o, pr, amax, grp, region)
 
-        return sharded
+        return run
 
-    def _heads_gather_plan(self, kind: str, dh: int, params, blocks, shapes, coords,
+    def _heads_gather_plan(self, name: str, group0: dict, params, blocks, g: int, dh: int,
                            whole: bool = False):  # fmt: skip
-        """A 2-D mesh whose blocks cut heads (FSDP2's rows inside a TP rank's KV head): the
-        ranks along one mesh dimension together hold whole heads (a TP rank's), so the pair
-        is gathered over that dimension only (``heads_gather``: one all_gather within the
-        group) and its heads stepped there; the hybrid O sign across the other dimension.
-        ``whole``: only where that group holds the whole pair (HSDP's shard dimension)."""
+        """A 2-D mesh whose blocks cut heads (FSDP2's rows inside a TP rank's KV head), or
+        flags ``ov_sharded`` does not take: the ranks along one mesh dimension together hold
+        whole heads (a TP rank's; HSDP: a replica's), so the pair is gathered over that
+        dimension only (``heads_gather``: one all_gather within the group) and its heads
+        stepped there; the hybrid O sign across the other dimension. ``whole``: only where
+        that group holds the whole pair (per_mat_renorm)."""
         if self.mesh is None or self.mesh.ndim < 2:
             return None
+        shapes = tuple(tuple(p.shape) for p in params)
         for d in range(self.mesh.ndim):
             union = [[_union([bl[m] for m in self.mesh.members((d,), r)])
                       for r in range(self.world)] for bl in blocks]  # fmt: skip
@@ -157,33 +166,11 @@ class AttentionPlans:
                 continue
             if whole and any(u != whole_block(p) for per, p in zip(union, params) for u in per):
                 continue
-            if kind == "qk":
-                hq, hkv = shapes[0][0] // dh, shapes[1][0] // dh
-                heads = qk_heads(union[0], union[1], shapes, dh, hq // hkv)
-                if heads is None:
-                    continue
-                a, b_ = heads[self.rank]
-                loc = get_layout("qk", (b_ - a) * (hq // hkv), b_ - a, dh)
-                ov = None
-            else:
-                hkv, hq = shapes[0][0] // dh, shapes[1][1] // dh
-                ov = ov_heads(union[0], union[1], shapes, dh, hq // hkv, coords)
-                if ov is None or ov[self.rank].width_dim is not None:
-                    continue
-                uni = ov[self.rank].universe
-                loc = get_layout("ov", (uni[1] - uni[0]) * (hq // hkv), uni[1] - uni[0], dh)
-            self._use("heads_gather")
-            grp, region = self.sub((d,)), [u[self.rank] for u in union]
-
-            def run(w, g, m, group0, o, pr, amax, loc=loc, ov=ov, grp=grp, region=region,
-                    o_union=union[-1]):  # fmt: skip
-                if ov is not None and o.hybrid:
-                    pr = dataclasses.replace(pr, whole_msign=self._whole_sign(ov, o_union, o,
-                                                                              pr))  # fmt: skip
-                return self._gathered(loc, params, w, g, m, group0, o, pr, amax, grp,
-                                      region)  # fmt: skip
-
-            return run
+            heads = group_heads(name, union, shapes, dh, g)
+            if heads is None:
+                continue
+            return self._local_plan(name, group0, heads, union, g, dh, params, self.sub((d,)),
+                                    [u[self.rank] for u in union])  # fmt: skip
         return None
 
     def _whole_sign(self, heads: list[OVHeads], o_blocks: list[Block], opts: CMOptions, prims,

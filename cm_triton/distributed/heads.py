@@ -6,8 +6,10 @@ whole, FSDP2's row shards keep q/k/v heads whole where the shard boundaries fall
 cut o's rows (the model width), and a replicate dimension (HSDP) repeats everything. From
 every rank's block of each parameter (``placement.blocks_of``) this module finds:
 
-- ``qk_heads``: the KV heads ``[a, b)`` a rank holds whole with exactly their query heads
-  (q and k whole columns): the QK step is local, **no collective**.
+- ``group_heads``: the KV groups ``[a, b)`` a rank holds whole in every parameter of a
+  layout that stores heads group after group (``GROUP_MAJOR``: q/k, v/o, four separate
+  projections, fused ``[q_1 .. q_G; k; v]``): its step is local, **no collective** but the
+  hybrid O sign's.
 - ``ov_heads``: for OV, each rank's *universe* (the heads whose columns of o it holds, whole
   heads, in KV-head units ``[A, B)``), the V heads it holds (whole, inside the universe), and
   the mesh dimension along which o's rows (the width) are split (at most one: FSDP's). The
@@ -32,7 +34,16 @@ from cm_triton.options import CMOptions
 from cm_triton.reference.phases import hybrid_update, leg_update, partner_roots_from_grams
 from cm_triton.reference.primitives import compute_dtype
 
-__all__ = ["OVHeads", "ov_heads", "ov_sharded", "qk_heads", "varying_dims"]
+__all__ = [
+    "GROUP_MAJOR",
+    "LOCAL_PLAN",
+    "O_PARAM",
+    "OVHeads",
+    "group_heads",
+    "ov_heads",
+    "ov_sharded",
+    "varying_dims",
+]
 
 
 def varying_dims(blocks: list[Block], coords: list[tuple[int, ...]], what: str) -> list[int]:
@@ -58,18 +69,39 @@ def _whole_heads(lo: int, hi: int, size: int) -> tuple[int, int] | None:
     return lo // size, hi // size
 
 
-def qk_heads(q: list[Block], k: list[Block], shapes: tuple, dh: int, g: int) -> list | None:
-    """Per rank, the KV heads ``(a, b)`` it holds whole with their query heads (q rows
-    ``[a g dh, b g dh)``, k rows ``[a dh, b dh)``, all columns), or None where some rank
-    does not (spec §2.3). ``shapes``: the full shapes of q and k."""
+# Layouts whose parameters hold their heads KV group after KV group along one axis: per
+# parameter (axis, rows per KV group in units of dh, from the group size g). A rank holding
+# KV groups [a, b) whole of every parameter holds a smaller pair of the same layout.
+GROUP_MAJOR = {
+    "qk": ((0, lambda g: g), (0, lambda g: 1)),
+    "ov": ((0, lambda g: 1), (1, lambda g: g)),
+    "separate": ((0, lambda g: g), (0, lambda g: 1), (0, lambda g: 1), (1, lambda g: g)),
+    "qkv_grouped": ((0, lambda g: g + 2), (1, lambda g: g)),
+    "qkv_interleaved": ((0, lambda g: 3), (1, lambda g: 1)),
+}
+O_PARAM = {"ov": 1, "separate": 3, "qkv_grouped": 1, "qkv_interleaved": 1}  # whose columns are o
+LOCAL_PLAN = {"qk": "qk_local", "ov": "ov_local"}  # the plan's name (else "heads_local")
+
+
+def group_heads(name: str, blocks: list[list[Block]], shapes: tuple, dh: int,
+                g: int) -> list[tuple[int, int]] | None:  # fmt: skip
+    """Per rank, the KV groups ``(a, b)`` it holds whole in every parameter of a
+    ``GROUP_MAJOR`` layout (``blocks[i][r]``: parameter i's block on rank r; the other axis
+    whole), or None where some rank does not (spec §2.3)."""
     out = []
-    for bq, bk in zip(q, k):
-        if (bq.c0, bq.c1) != (0, shapes[0][1]) or (bk.c0, bk.c1) != (0, shapes[1][1]):
-            return None
-        hk = _whole_heads(bk.r0, bk.r1, dh)
-        if hk is None or (bq.r0, bq.r1) != (hk[0] * g * dh, hk[1] * g * dh):
-            return None
-        out.append(hk)
+    for r in range(len(blocks[0])):
+        found = None
+        for (axis, unit), bl, shape in zip(GROUP_MAJOR[name], blocks, shapes):
+            b = bl[r]
+            lo, hi = (b.r0, b.r1) if axis == 0 else (b.c0, b.c1)
+            other = (b.c0, b.c1) if axis == 0 else (b.r0, b.r1)
+            if other != (0, shape[1 - axis]):
+                return None
+            got = _whole_heads(lo, hi, unit(g) * dh)
+            if got is None or found not in (None, got):
+                return None
+            found = got
+        out.append(found)
     return out
 
 

@@ -42,6 +42,9 @@ TUNING = {
 # more in registers: the quintic root at 128 spills 8 bytes with 4 warps, none with 8. On
 # Blackwell (sm_100, sm_120) ptxas caps a thread at 128 registers unless told otherwise: the
 # dh x dh kernels spilled 8-112 bytes there, none with 255 allowed (``launch_options``).
+# Triton 3.9 caps the mma.sync targets too (168 registers at 4 warps: the Gram kernel at 64
+# rows and the 128 maps spilled 8 bytes on sm_80, 86, 89; Triton 3.6 did not): every target
+# but Hopper's wgmma passes 255.
 MMA_TARGETS = (80, 86, 89, 120)
 BLACKWELL_TARGETS = (100, 120)
 FAMILY_TUNING = [  # (targets, overrides): the first family that names a (phase, block) wins
@@ -73,9 +76,10 @@ def tuning(phase: str, block: int, arch: int | None = None) -> tuple[int, int, i
 
 def launch_options(arch: int | None = None) -> dict:
     """Compile options every launch on ``arch`` (default: the target) passes: 255 registers a
-    thread on Blackwell, where ptxas would otherwise stop at 128."""
+    thread on Blackwell and the mma.sync targets, where ptxas would otherwise stop at 128
+    (Blackwell) or Triton 3.9 at 168."""
     arch = target_arch() if arch is None else arch
-    return {"maxnreg": 255} if arch in BLACKWELL_TARGETS else {}
+    return {"maxnreg": 255} if arch in BLACKWELL_TARGETS + MMA_TARGETS else {}
 
 
 def gram_row_cap(arch: int | None = None) -> int:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
+    "block_at",
     "Group",
     "placement_of",
     "whole_block",
@@ -104,11 +105,11 @@ class Mesh:
         return self.device_mesh.get_group(d)
 
     def members(self, dims: tuple[int, ...], rank: int | None = None) -> list[int]:
-        """The flat ranks of ``rank``'s group over ``dims``, in the group's rank order."""
+        """The flat ranks of ``rank``'s group over ``dims``, in the group's rank order (a
+        process group numbers its ranks in ascending global rank, as the flat order does)."""
         mine = self.coords[self.rank if rank is None else rank]
         keep = [i for i in range(self.ndim) if i not in dims]
-        same = [r for r, c in enumerate(self.coords) if all(c[i] == mine[i] for i in keep)]
-        return sorted(same, key=lambda r: [self.coords[r][i] for i in dims])
+        return [r for r, c in enumerate(self.coords) if all(c[i] == mine[i] for i in keep)]
 
 
 def _unravel(i: int, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -175,6 +176,25 @@ def _describe(p: Tensor) -> str:
     return f"a parameter of shape {tuple(p.shape)} with placements {tuple(p.placements)}"
 
 
+def block_at(shape: tuple[int, ...], mesh_shape: tuple[int, ...], coord: tuple[int, ...],
+             placements) -> Block | None:  # fmt: skip
+    """The block of a tensor of ``shape`` held at ``coord`` of a mesh of ``mesh_shape`` under
+    ``placements`` (split left to right over the mesh dimensions, as torch does), or None
+    where it is not contiguous. Placements other than shards act as replication."""
+    index = [torch.arange(n) for n in shape[:2]]
+    for d, pl in enumerate(placements):
+        dim = shard_dim(pl)
+        if dim is not None:  # a strided shard: its piece of each of split_factor chunks
+            index[dim] = _split(index[dim], mesh_shape[d], coord[d], getattr(pl, "split_factor", 1))
+    ends = []
+    for ix in index + [torch.arange(1)] * (2 - len(index)):
+        if ix.numel() and not bool((ix.diff() == 1).all()):
+            return None
+        start = int(ix[0]) if ix.numel() else 0
+        ends.append((start, start + ix.numel()))
+    return Block(ends[0][0], ends[0][1], ends[1][0], ends[1][1])
+
+
 def blocks_of(p: Tensor, mesh: Mesh) -> list[Block]:
     """Every flat rank's block of the DTensor ``p`` (see the module doc)."""
     from torch.distributed.tensor import Replicate
@@ -189,25 +209,16 @@ def blocks_of(p: Tensor, mesh: Mesh) -> list[Block]:
                 f"dimensions (Shard(0), Shard(1), FSDP2's strided shards) or replicated; got "
                 f"{_describe(p)}"
             )
-    out = []
     sub_shape = tuple(p.device_mesh.shape)
+    out = []
     for coord in _coords_in(p.device_mesh, mesh, p):
-        index = [torch.arange(n) for n in shape[:2]]
-        for d, pl in enumerate(p.placements):
-            dim = shard_dim(pl)
-            if dim is not None:  # a strided shard: its piece of each of split_factor chunks
-                strided = getattr(pl, "split_factor", 1)
-                index[dim] = _split(index[dim], sub_shape[d], coord[d], strided)
-        ends = []
-        for ix in index + [torch.arange(1)] * (2 - len(index)):
-            if ix.numel() and not bool((ix.diff() == 1).all()):
-                raise NotImplementedError(
-                    f"CompositionalMuon needs each rank's shard of a DTensor parameter to be one "
-                    f"contiguous block; {_describe(p)} is not"
-                )
-            start = int(ix[0]) if ix.numel() else 0
-            ends.append((start, start + ix.numel()))
-        out.append(Block(ends[0][0], ends[0][1], ends[1][0], ends[1][1]))
+        blk = block_at(shape, sub_shape, coord, p.placements)
+        if blk is None:
+            raise NotImplementedError(
+                f"CompositionalMuon needs each rank's shard of a DTensor parameter to be one "
+                f"contiguous block; {_describe(p)} is not"
+            )
+        out.append(blk)
     mine = out[mesh.rank]
     local = tuple(p.to_local().shape[:2])
     if local != mine.size[: len(local)]:

@@ -413,7 +413,7 @@ def case_sent(layout: str) -> dict:
     return dict(opt.comm.sent)
 
 
-def test_bytes_per_step_under_tp_and_hsdp():
+def test_bytes_per_step_on_each_mesh():
     f32 = 4
     # TP over 4: the hybrid O sign's all_gather sends this rank's rows of the O direction,
     # 2 layers x (8 heads / 4) x 8 rows x width 32, to 3 ranks. Muon: fc1 (64 x 32, by rows)
@@ -430,6 +430,13 @@ def test_bytes_per_step_under_tp_and_hsdp():
     # + 3) = 18 blocks, where every rank sending would take 24.
     sent = get_pool(4).run(case_sent, "hsdp")
     assert sum(s["all_to_all"] for s in sent) == 18 * 1024 * f32
+    # FSDP2 x TP 2 x 2: the hybrid sign gathers each rank's block of the O direction, 2 layers
+    # x (its TP rank's 4 heads x 8 rows) x (its FSDP half of the width, 16), to 3 ranks; Muon's
+    # blocks are 16 x 32 (fc1) and 16 x 32 (fc2), four distinct: as under TP.
+    sent = get_pool(4).run(case_sent, "fsdp_tp")
+    for s in sent:
+        assert s["all_gather"] == 3 * 2 * 4 * 8 * 16 * f32, s
+    assert sum(s["all_to_all"] for s in sent) == 4 * 6 * 512 * f32
 
 
 class Fused(nn.Module):

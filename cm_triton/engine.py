@@ -38,10 +38,10 @@ import torch
 from torch import Tensor
 
 from cm_triton.dispatch import resolve_options, resolve_primitives
-from cm_triton.distributed.placement import placement_key
 from cm_triton.groups import ATTENTION_KINDS, CM_KEYS, group_layout, group_options
 from cm_triton.layouts import Heads, Layout
 from cm_triton.options import CMOptions
+from cm_triton.placement import placement_key
 from cm_triton.reference.adamw import adamw_update
 from cm_triton.reference.muon import muon_update
 from cm_triton.reference.phases import direction_scale

@@ -457,8 +457,11 @@ class Fused(nn.Module):
 
     def groups(self, **flags) -> list[dict]:
         hq, hkv, dh = self.dims
-        params = ([self.wqkv.weight] if self.layout == "qkv_grouped" else
-                  [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]) + [self.wo.weight]
+        params = (
+            [self.wqkv.weight]
+            if self.layout == "qkv_grouped"
+            else [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+        ) + [self.wo.weight]
         return [{"kind": "attention", "layout": self.layout, "params": params, "head_dim": dh,
                  "num_heads": hq, "num_kv_heads": hkv, **flags}]  # fmt: skip
 
@@ -495,8 +498,9 @@ def case_fused_tp(layout: str, flags: dict):
     return same, dict(opt.comm.plans), dict(opt.comm.by_plan)
 
 
-@pytest.mark.parametrize("flags", [{}, {"hybrid": False, "method": "joint"}], ids=["defaults",
-                                                                                  "joint"])
+@pytest.mark.parametrize(
+    "flags", [{}, {"hybrid": False, "method": "joint"}], ids=["defaults", "joint"]
+)
 @pytest.mark.parametrize("layout", ["qkv_grouped", "separate"])
 def test_fused_and_four_projection_groups_stay_local_under_tensor_parallel(layout, flags):
     # Whole KV groups on each TP rank in every parameter of the group: the one-process step

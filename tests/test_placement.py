@@ -1,4 +1,4 @@
-"""Each rank's block of a DTensor (``distributed.placement.block_at``) against torch's own split
+"""Each rank's block of a DTensor (``placement.block_at``) against torch's own split
 (``_compute_local_shape_and_global_offset``) over every coordinate of 1-D and 2-D meshes, even
 and uneven sizes, ``Shard(0)``, ``Shard(1)``, ``Replicate()`` and the strided shard FSDP2 puts
 over a ``ColwiseParallel`` weight. No process group: both are pure functions of the shapes."""
@@ -12,7 +12,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from cm_triton.distributed.placement import Block, block_at
+from cm_triton.placement import Block, block_at
 
 PLACEMENTS_1D = [[Shard(0)], [Shard(1)], [Replicate()]]
 PLACEMENTS_2D = [

@@ -18,11 +18,11 @@ from cm_triton.distributed.heads import (
     ov_sharded,
     varying_dims,
 )
-from cm_triton.distributed.placement import Block, Group, placement_of, whole_block
 from cm_triton.engine import compute_attention
 from cm_triton.groups import group_layout, head_counts
 from cm_triton.layouts import get_layout
 from cm_triton.options import CMOptions
+from cm_triton.placement import Block, Group, placement_of, whole_block
 from cm_triton.reference.phases import direction_scale, fusable
 from cm_triton.reference.primitives import compute_dtype, ns_iterate
 

@@ -1,6 +1,6 @@
 """The communicator: one flat process group over the mesh's ranks (and one per mesh dimension),
 explicit collectives counted by kind, plan and bytes, and the blocks each rank holds
-(``placement``). The plans are its mixins: ``attention.AttentionPlans``,
+(``cm_triton.placement``). The plans are its mixins: ``attention.AttentionPlans``,
 ``muon.MuonPlans`` (see the package doc)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from cm_triton.distributed.attention import AttentionPlans, o_sign_cost
 from cm_triton.distributed.muon import MuonPlans
-from cm_triton.distributed.placement import (
+from cm_triton.placement import (
     Block,
     Group,
     Mesh,
@@ -135,7 +135,8 @@ class Comm(AttentionPlans, MuonPlans):
         return Group(self.mesh.group(dims), members, members.index(self.rank))
 
     def blocks(self, p: Tensor) -> list[Block]:
-        """Every rank's block of ``p`` (``placement.blocks_of``; a plain tensor: all of it)."""
+        """Every rank's block of ``p`` (``cm_triton.placement.blocks_of``; a plain tensor:
+        all of it)."""
         if not is_dtensor(p):
             n = p.shape[1] if p.dim() > 1 else 1
             return [Block(0, p.shape[0], 0, n)] * self.world

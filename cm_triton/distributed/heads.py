@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cm_triton.distributed.placement import Block
 from cm_triton.options import CMOptions
+from cm_triton.placement import Block
 from cm_triton.reference.phases import hybrid_update, leg_update, partner_roots_from_grams
 from cm_triton.reference.primitives import compute_dtype
 

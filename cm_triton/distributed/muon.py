@@ -9,9 +9,9 @@ import math
 import torch
 from torch import Tensor
 
-from cm_triton.distributed.placement import Block, placement_of
 from cm_triton.engine import compute_muon
 from cm_triton.options import CMOptions
+from cm_triton.placement import Block, placement_of
 from cm_triton.reference.muon import muon_direction
 from cm_triton.reference.phases import direction_scale
 from cm_triton.reference.primitives import compute_dtype

@@ -6,8 +6,9 @@ one, as FSDP2 x TP leaves the embeddings on its data-parallel slice);
 ``cm_triton.placement.blocks_of`` gives every rank's block of each one, and ``Comm`` numbers
 the mesh's ranks in one flat group, with a group per mesh dimension. Spec §2.3: tensor
 parallelism keeps heads whole, FSDP2's row shards keep q/k/v heads whole where they fall on
-heads and cut o's rows (the model width), a replicate dimension repeats. ``Comm.attention`` picks a plan per batch from the blocks
-(``heads``; every rank computes every rank's blocks, so all pick the same):
+heads and cut o's rows (the model width), a replicate dimension repeats. ``Comm.attention``
+picks a plan per batch from the blocks (``heads``; every rank computes every rank's blocks,
+so all pick the same):
 
 - ``"qk_local"``: every rank holds whole KV heads with exactly their query heads (FSDP2 and
   TP with Hq and Hkv divisible by the shard count): the step is local, **no collective**

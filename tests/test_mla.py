@@ -195,3 +195,54 @@ def test_mla_on_fsdp2_steps_as_one_process(world):
     # on gathered tensors, so the result is bit for bit; Muon and AdamW plans are exact too.
     for diff in get_pool(world).run(case_mla_fsdp2, "deepseek_v3"):
         assert diff == 0.0
+
+
+# -- tensor parallel, FSDP2 x TP ------------------------------------------------------------
+def case_mla_parallel(layout: str) -> tuple[float, dict]:
+    """A tiny DeepSeek-V2-Lite (MLA: q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj) with its
+    attention tensor-parallel (q_proj and kv_b_proj by heads, o_proj by columns) and, for
+    ``"fsdp_tp"``, FSDP2 over it: the largest difference from one process after two steps."""
+    from test_parallel import _full, _like
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    torch.manual_seed(0)
+    ref = FAMILIES["deepseek_v2_lite"].build()
+    par = copy.deepcopy(ref)
+    world = dist.get_world_size()
+    shape, names = ((world,), ("tp",)) if layout == "tp" else ((2, world // 2), ("dp", "tp"))
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+    plan = {"q_proj": ColwiseParallel(), "kv_b_proj": ColwiseParallel(),
+            "o_proj": RowwiseParallel()}  # fmt: skip
+    for layer in par.model.layers:
+        parallelize_module(layer.self_attn, mesh["tp"], plan)
+        if layout == "fsdp_tp":
+            fully_shard(layer, mesh=mesh["dp"])
+    if layout == "fsdp_tp":
+        fully_shard(par, mesh=mesh["dp"])
+    opt_ref = CompositionalMuon(param_groups(ref), lr=0.02)
+    opt = CompositionalMuon(param_groups(par), lr=0.02)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        for p, q in zip(ref.parameters(), par.parameters()):
+            full = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = full.clone(), _like(q, full)
+        opt_ref.step()
+        opt.step()
+    diff = max((p - _full(q)).abs().max().item()
+               for p, q in zip(ref.parameters(), par.parameters()))  # fmt: skip
+    return diff, dict(opt.comm.plans)
+
+
+@pytest.mark.parametrize("layout", ["tp", "fsdp_tp"])
+def test_mla_under_tensor_parallel_steps_as_one_process(layout):
+    # The MLA group's layout reads whole matrices (its latent rows are Muon's): gathered,
+    # the one-process step on the gathered tensors, bit for bit.
+    for diff, plans in get_pool(4).run(case_mla_parallel, layout):
+        assert plans.get("gather") == 1, plans
+        assert diff == 0.0

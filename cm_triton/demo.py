@@ -39,6 +39,12 @@ OPTIMIZERS = ("cm", "cm-isotropic", "cm-release", "cm-per-query", "cm-damp1e-3",
 LR = {"cm": 0.01, "cm-isotropic": 0.01, "cm-release": 0.01, "cm-per-query": 0.01, "muon": 0.005,
       "adamw": 1.5e-3}  # fmt: skip
 LR.update({n: LR["cm"] for n in OPTIMIZERS if n not in LR})
+# The same under the demo's default schedule, warmup-stable-decay (5% warmup, 20% cooldown):
+# bench/quality.py's sweep under it on the default data, seed 99, both optima interior
+# (bench/results/quality_wsd_topics_demo/quality.md); AdamW and cosine were not swept under
+# a schedule: they keep the constant-rate values.
+LR_WSD = dict(LR, cm=0.02, muon=0.01)
+LR_WSD.update({n: LR_WSD["cm"] for n in OPTIMIZERS if n not in ("muon", "adamw")})
 # "cm-release": CM evaluated as the release does (Newton-Schulz iterations on each head, the
 # 25-step Newton inverse root), for comparing this package's Gram-form default against it.
 RELEASE_EVALUATION = {"ns_method": "ns", "inv_root": "newton"}
@@ -227,12 +233,18 @@ def lr_factor(schedule: str, steps: int, warmup: float, cooldown: float):
     return factor
 
 
+def default_lr(name: str, schedule: str = "constant") -> float:
+    """``name``'s matrix lr as swept under ``schedule`` (``LR_WSD`` for ``"wsd"``, else
+    ``LR``)."""
+    return (LR_WSD if schedule == "wsd" else LR)[name]
+
+
 def make_optimizer(name: str, model: nn.Module, lr: float | None = None,
-                   weight_decay: float = 0.0):  # fmt: skip
-    """``name``'s optimizer on ``model`` at matrix lr ``lr`` (default: ``LR[name]``);
-    ``weight_decay``: decoupled, on every group (CM and Muon ``W <- (1 - lr wd) W``, AdamW's
-    own)."""
-    lr = LR[name] if lr is None else lr
+                   weight_decay: float = 0.0, schedule: str = "constant"):  # fmt: skip
+    """``name``'s optimizer on ``model`` at matrix lr ``lr`` (default: ``default_lr(name,
+    schedule)``); ``weight_decay``: decoupled, on every group (CM and Muon ``W <- (1 - lr wd)
+    W``, AdamW's own)."""
+    lr = default_lr(name, schedule) if lr is None else lr
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
                                  weight_decay=weight_decay)  # fmt: skip
@@ -259,8 +271,8 @@ def train(name: str, args, train_data, val_data) -> dict:
     torch.manual_seed(args.seed)
     device = args.device
     model = GPT(SIZES[getattr(args, "size", "demo")]).to(device)
-    opt = make_optimizer(name, model, args.lr, getattr(args, "weight_decay", 0.0))
     schedule = getattr(args, "schedule", "constant")
+    opt = make_optimizer(name, model, args.lr, getattr(args, "weight_decay", 0.0), schedule)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_factor(schedule, args.steps, getattr(args, "warmup", 0.0),
                        getattr(args, "cooldown", 0.2)))  # fmt: skip
@@ -353,11 +365,12 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="matrix lr (default: per optimizer)")
     p.add_argument(
         "--schedule",
-        default="constant",
+        default="wsd",
         choices=SCHEDULES,
-        help="lr schedule: constant, warmup + cosine, or warmup-stable-decay",
+        help="lr schedule: constant, warmup + cosine, or warmup-stable-decay (the default: "
+        "lower loss than constant at every lr swept, bench/results/quality_protocol.md)",
     )
-    p.add_argument("--warmup", type=float, default=0.0, help="warmup, a fraction of --steps")
+    p.add_argument("--warmup", type=float, default=0.05, help="warmup, a fraction of --steps")
     p.add_argument(
         "--cooldown",
         type=float,

@@ -121,7 +121,7 @@ def test_each_schedule_trains_end_to_end(tmp_path, schedule):
     saved = torch.load(ck)["scheduler"]
     assert saved["last_epoch"] == 8
     final = demo.lr_factor(schedule, 8, 0.25, 0.2)(8)
-    assert saved["_last_lr"][0] == pytest.approx(demo.LR["cm"] * final)
+    assert saved["_last_lr"][0] == pytest.approx(demo.default_lr("cm", schedule) * final)
 
 
 def test_a_schedulers_lr_reaches_every_cm_muon_and_adamw_batch():
@@ -157,3 +157,14 @@ def test_a_schedulers_lr_reaches_every_cm_muon_and_adamw_batch():
         full = dict(models[1].named_parameters())[name] - before[1][name]
         quarter = p.detach() - before[0][name]
         torch.testing.assert_close(quarter, full / 4, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_the_default_schedule_is_wsd_at_its_swept_rates():
+    # The demo trains as the measurements chose (bench/results/quality_protocol.md): WSD with
+    # a 5% warmup and a 20% cooldown, at the rates swept under it (cm 0.02, muon 0.01); a
+    # constant rate keeps the rates swept at a constant rate.
+    args = demo.parse_args([])
+    assert (args.schedule, args.warmup, args.cooldown) == ("wsd", 0.05, 0.2)
+    assert (demo.default_lr("cm", "wsd"), demo.default_lr("muon", "wsd")) == (0.02, 0.01)
+    assert demo.default_lr("cm-isotropic", "wsd") == 0.02
+    assert (demo.default_lr("cm", "constant"), demo.default_lr("muon", "constant")) == (0.01, 0.005)

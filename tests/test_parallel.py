@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_harness import CollectiveCounter, get_pool
+from test_distributed import Net as _Net
 from torch import nn
 
 from cm_triton import CompositionalMuon, param_groups
@@ -33,31 +34,9 @@ from cm_triton import CompositionalMuon, param_groups
 STEP_RTOL = 1e-4  # see the module docstring
 
 
-class Block(nn.Module):
-    def __init__(self, d: int, hq: int, hkv: int, dh: int) -> None:
-        super().__init__()
-        self.num_heads, self.num_key_value_heads, self.head_dim = hq, hkv, dh
-        self.q_proj = nn.Linear(d, hq * dh, bias=False)
-        self.k_proj = nn.Linear(d, hkv * dh, bias=False)
-        self.v_proj = nn.Linear(d, hkv * dh, bias=False)
-        self.o_proj = nn.Linear(hq * dh, d, bias=False)
-        self.fc1 = nn.Linear(d, 2 * d, bias=False)
-        self.fc2 = nn.Linear(2 * d, d, bias=False)
-        self.norm = nn.RMSNorm(d)
-
-    def forward(self, x):  # pragma: no cover - the tests set gradients directly
-        return x
-
-
-class Net(nn.Module):
-    def __init__(self, hq=8, hkv=4, dh=8, d=32, n_layer=2) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(16, d)
-        self.blocks = nn.ModuleList(Block(d, hq, hkv, dh) for _ in range(n_layer))
-        self.head = nn.Linear(d, 16, bias=False)
-
-    def forward(self, x):  # pragma: no cover
-        return x
+def Net(**cfg) -> nn.Module:
+    """test_distributed's Llama-shaped GQA model, 8 query and 4 KV heads unless ``cfg`` says."""
+    return _Net(**({"hq": 8, "hkv": 4} | cfg))
 
 
 TP_PLAN = {"q_proj": "col", "k_proj": "col", "v_proj": "col", "o_proj": "row", "fc1": "col",

@@ -117,15 +117,16 @@ class OVHeads:
 
 def ov_heads(v: list[Block], o: list[Block], shapes: tuple, dh: int, g: int,
              coords: list[tuple[int, ...]]) -> list[OVHeads] | None:  # fmt: skip
-    """Per rank, its ``OVHeads``, or None where the blocks do not allow the local OV plan:
+    """Per rank, its ``OVHeads`` for ``ov_sharded``, or None where the blocks do not allow it:
     o's columns whole heads of whole KV groups, v's rows whole heads inside that universe with
-    whole columns, o's rows split along at most one mesh dimension, along which the universe
-    is the same, o's rows tile the width and v's rows tile the universe."""
-    (n_v, w_v), (d, _) = shapes
+    whole columns, o's rows split along exactly one mesh dimension, along which the universe
+    is the same, o's rows tile the width and v's rows tile the universe. (o's rows whole:
+    ``group_heads``' local plan.)"""
+    (_, w_v), (d, _) = shapes
     width = varying_dims(o, coords, "rows")
-    if len(width) > 1:
+    if len(width) != 1:
         return None
-    wd = width[0] if width else None
+    (wd,) = width
     out = []
     for bv, bo in zip(v, o):
         uni = _whole_heads(bo.c0, bo.c1, g * dh)
@@ -139,10 +140,6 @@ def ov_heads(v: list[Block], o: list[Block], shapes: tuple, dh: int, g: int,
     for r, c in enumerate(coords):  # along the width dimension: one universe, tiled
         line = [s for s, cs in enumerate(coords)
                 if all(cs[i] == c[i] for i in range(len(c)) if i != wd)]  # fmt: skip
-        if wd is None:
-            if (o[r].r0, o[r].r1) != (0, d) or out[r].v != out[r].universe:
-                return None
-            continue
         if len({out[s].universe for s in line}) != 1:
             return None
         if not _tiles(sorted((o[s].r0, o[s].r1) for s in line), 0, d):

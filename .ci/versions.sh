@@ -6,8 +6,14 @@
 # distributed modules (FSDP2, DDP, TP, HSDP, FSDP2 x TP, each rank's blocks against torch's
 # split); on 2.15 also the AOT harness's selftest (Triton 3.9). The package is read from this
 # tree (PYTHONPATH), not installed.
-#   bash .ci/versions.sh install    # the virtualenvs (network; little CPU)
-#   bash .ci/versions.sh test       # the subset on each
+#
+# Disk: each is a CUDA build, about 5 GB installed. One lives at a time (install, test,
+# remove) and pip keeps no cache of the wheels: two side by side with pip's cache came to
+# about 13 GB in a clean clone and filled the CI machine's disk.
+#   bash .ci/versions.sh list           # the versions, one per line
+#   bash .ci/versions.sh install 2.11.0 # its virtualenv (network; little CPU)
+#   bash .ci/versions.sh test 2.11.0    # the subset on it
+#   bash .ci/versions.sh remove 2.11.0  # its virtualenv deleted
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSIONS="2.11.0 2.15.0"
@@ -17,22 +23,25 @@ tests/test_placement.py"
 # The AOT harness on the newest Triton (3.9 with torch 2.15): its selftest compiles toy kernels
 # and must flag the spilling and the narrow-offset ones (the main suite runs the gate on 3.6).
 EXTRA_2_15_0="tests/test_compile_gate.py::test_the_gate_flags_a_spilling_kernel_and_a_narrow_offset"
-case "${1:-}" in
+usage() { echo "usage: bash .ci/versions.sh list | install|test|remove VERSION" >&2; exit 2; }
+cmd="${1:-}"
+[ "$cmd" = list ] && { printf '%s\n' $VERSIONS; exit 0; }
+v="${2:-}"
+case " $VERSIONS " in *" $v "*) ;; *) usage ;; esac
+venv=".venv-torch$v"
+case "$cmd" in
   install)
-    for v in $VERSIONS; do
-      python3 -m venv ".venv-torch$v"
-      # PIP_CONSTRAINT: some machines cap torch at what lies on their disk; this job exists
-      # to run the newest release.
-      PIP_CONSTRAINT=/dev/null ".venv-torch$v/bin/python" -m pip install -q "torch==$v" \
-        "numpy<2.4" "pytest>=8" "pytest-xdist>=3" "hypothesis>=6" tqdm matplotlib
-    done ;;
+    python3 -m venv "$venv"
+    # PIP_CONSTRAINT: some machines cap torch at what lies on their disk; this job exists
+    # to run the newest release.
+    PIP_CONSTRAINT=/dev/null "$venv/bin/python" -m pip install -q --no-cache-dir "torch==$v" \
+      "numpy<2.4" "pytest>=8" "pytest-xdist>=3" "hypothesis>=6" tqdm matplotlib ;;
   test)
-    for v in $VERSIONS; do
-      echo "== torch $v"
-      extra="EXTRA_${v//./_}"
-      # shellcheck disable=SC2086
-      PYTHONPATH="$PWD" ".venv-torch$v/bin/python" -m pytest -q -n auto -p no:cacheprovider \
-        $SUBSET ${!extra:-}
-    done ;;
-  *) echo "usage: bash .ci/versions.sh install|test" >&2; exit 2 ;;
+    echo "== torch $v"
+    extra="EXTRA_${v//./_}"
+    # shellcheck disable=SC2086
+    PYTHONPATH="$PWD" "$venv/bin/python" -m pytest -q -n auto -p no:cacheprovider \
+      $SUBSET ${!extra:-} ;;
+  remove) rm -rf "$venv" ;;
+  *) usage ;;
 esac
